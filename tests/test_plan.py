@@ -200,9 +200,12 @@ def test_explain_names_the_rule_per_module():
 
     buf = io.StringIO()
     rows = Plan({"body": "fp16", "body.2": "int8"}).explain(_Toy(), file=buf)
-    assert ("body.0", "fp16", "body") in rows
-    assert ("body.2", "int8", "body.2") in rows
-    assert ("emb", "fp32", "(default)") in rows
+    assert ("body.0", "fp16", "fp16", "body") in rows
+    assert ("body.1", "fp16", "fp16", "body") in rows
+    assert ("body.2", "int8", "int8", "body.2") in rows
+    assert ("emb", "fp32", "fp32", "(default)") in rows
+    rows = Plan({"body": "int8"}).explain(_Toy(), file=False)
+    assert ("body.1", "int8", "fp32", "body") in rows  # LayerNorm: int8 is weight-only for Linear/Embedding
     assert "body.2" in buf.getvalue() and "(default)" in buf.getvalue()
 
 
