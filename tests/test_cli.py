@@ -76,3 +76,15 @@ def test_module_entry_point(plan_file):
     env = {**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{root / 'examples'}"}
     res = subprocess.run([sys.executable, "-m", "kdq.cli", "plan", "show", str(plan_file)], capture_output=True, text=True, env=env)
     assert res.returncode == 0 and "text_encoder" in res.stdout
+
+
+def test_make_plan_example_writes_a_measured_plan(model_dir, tmp_path, capsys):
+    from musicgen.make_plan import main as make_plan
+
+    out = tmp_path / "plan.json"
+    assert make_plan(["--model", str(model_dir), "--out", str(out), "--granularity", "part",
+                      "--candidates", "fp32,fp16,int8", "--batch", "1", "--frames", "4"]) == 0
+    plan = Plan.load(out)
+    assert set(plan.assignments) == {"text_encoder", "decoder", "audio_encoder"}
+    assert plan.meta["measured"]["bytes"] == plan.predicted["bytes"] <= plan.meta["paper_plan"]["bytes"]
+    assert "paper plan" in capsys.readouterr().out
