@@ -198,12 +198,10 @@ class Conversion:
             qcls = quantized_class(mod, dtype) if spec.weight_only else None
             if qcls is not None:
                 new = qcls.from_float(mod, self.memo)
-                for hook_attr in (_HOOK_ATTR,):
-                    h = getattr(mod, hook_attr, None)
-                    if h is not None:  # carry the cast hook over to the replacement
-                        nh = new.register_forward_pre_hook(_cast_inputs, with_kwargs=True)
-                        object.__setattr__(new, _HOOK_ATTR, nh)
-                        self._undo.append(("hook", new, nh))
+                if getattr(mod, _HOOK_ATTR, None) is not None:  # carry the cast hook over to the replacement
+                    nh = new.register_forward_pre_hook(_cast_inputs, with_kwargs=True)
+                    object.__setattr__(new, _HOOK_ATTR, nh)
+                    self._undo.append(("hook", new, nh))
                 object.__setattr__(new, _COMPUTE_ATTR, spec.compute)
                 self._undo.append(("module", name, _set_parent(self.model, name, new)))
                 continue
