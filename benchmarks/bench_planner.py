@@ -93,6 +93,22 @@ def _row(op, impl, shape, metric, values, rows):
     print(f"{op:<28} {impl:<22} {shape:<26} {metric:<22} {row['median']:.6g}", flush=True)
 
 
+def render(path: Path) -> str:
+    """The rows of the last run in ``path`` (same commit and machine as its last row) as markdown."""
+    with path.open() as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        return "(no rows)"
+    last = rows[-1]
+    run = [r for r in rows if r["commit"] == last["commit"] and r["machine"] == last["machine"]]
+    out = ["| op | impl | shape | metric | median | p20 | p80 |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    for r in run:
+        out.append(f"| {r['op']} | {r['impl']} | {r['shape']} | {r['metric']} | {float(r['median']):.6g} | "
+                   f"{float(r['p20']):.6g} | {float(r['p80']):.6g} |")
+    out.append(f"\nmachine {last['machine']}, commit {last['commit']}, load {last['load']}")
+    return "\n".join(out)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--threads", type=int, default=2)
@@ -104,7 +120,11 @@ def main() -> None:
     ap.add_argument("--no-fisher", action="store_true")
     ap.add_argument("--out", default=str(RESULTS))
     ap.add_argument("--tiny", action="store_true", help="smoke test on the tiny random MusicGen")
+    ap.add_argument("--render", action="store_true", help="print the last run in --out as markdown and exit")
     args = ap.parse_args()
+    if args.render:
+        print(render(Path(args.out)))
+        return
     torch.set_num_threads(args.threads)
     rows: list[dict] = []
     print(f"load before: {_load()}", flush=True)
