@@ -121,6 +121,7 @@ def main() -> None:
     ap.add_argument("--out", default=str(RESULTS))
     ap.add_argument("--tiny", action="store_true", help="smoke test on the tiny random MusicGen")
     ap.add_argument("--render", action="store_true", help="print the last run in --out as markdown and exit")
+    ap.add_argument("--meta", action="store_true", help="light mode: exact bytes and solver time, no weights")
     args = ap.parse_args()
     if args.render:
         print(render(Path(args.out)))
@@ -130,6 +131,10 @@ def main() -> None:
     print(f"load before: {_load()}", flush=True)
 
     t = time.perf_counter()
+    if args.meta:
+        meta_run(args, rows)
+        _append(Path(args.out), rows)
+        return
     if args.tiny:
         from musicgen.tiny import build_tiny_musicgen
 
@@ -236,7 +241,10 @@ def main() -> None:
         rho = spearmanr([p[0] for p in pairs], [p[1] for p in pairs]).statistic
         _row("profile", f"fisher-{args.granularity}", tag, "spearman_vs_measured", rho, rows)
 
-    out = Path(args.out)
+    _append(Path(args.out), rows)
+
+
+def _append(out: Path, rows: list[dict]) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     new = not out.exists()
     with out.open("a", newline="") as f:
@@ -245,6 +253,60 @@ def main() -> None:
             w.writeheader()
         w.writerows(rows)
     print(f"appended {len(rows)} rows to {out}; load after: {_load()}", flush=True)
+
+
+def meta_run(args, rows: list[dict]) -> None:
+    """Light mode (no weights, no lock needed): exact bytes on the meta device, and solver time on a
+    table of MusicGen-small's exact bytes with synthetic sensitivities (seeded, log-normal, growing
+    as bits shrink). Measures the solver and the byte accounting, not plan quality."""
+    import numpy as np
+    from transformers import MusicgenForConditionalGeneration
+
+    from kdq.quant import apply_plan
+
+    with torch.device("meta"):
+        model = MusicgenForConditionalGeneration(musicgen_small_config()).eval()
+    shape = f"musicgen-small {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M (meta)"
+    _row("bytes", "fp32", shape, "bytes", model_bytes(model), rows)
+    groups = musicgen_groups(model, args.granularity)
+    cands = args.candidates.split(",")
+    planner = MixedPrecisionPlanner(model, groups, candidates=cands)
+    t = time.perf_counter()
+    table = planner.profile(lambda m: 0.0, progress=False, log=None)
+    tag = f"{len(groups)}groups x{len(cands) - 1}dtypes"
+    _row("profile", "bytes-only (meta)", tag, "seconds", time.perf_counter() - t, rows)
+    rng = np.random.default_rng(0)
+    noise = {"fp32": 0.0, "fp16": 1e-8, "bf16": 5e-7, "int8": 3e-6, "int4": 5e-4}
+    for g in table.groups:
+        for d in table.candidates:
+            table.sensitivity[g][d] = noise[d] * float(rng.lognormal(0.0, 1.0))
+    import copy
+
+    paper_model = apply_plan(copy.deepcopy(model), paper_plan())
+    budget = model_bytes(paper_model)
+    _row("bytes", "paper_plan", shape, "bytes", budget, rows)
+    _row("bytes", "paper_plan minus codec encoder", shape, "bytes", budget - model_bytes(paper_model.audio_encoder.encoder), rows)
+    for d in table.candidates:
+        _row("bytes", f"all groups {d}", shape, "predicted_bytes", table.total_bytes(d), rows)
+    times = []
+    for _ in range(7):
+        t = time.perf_counter()
+        plan = planner.solve(table, max_bytes=budget)
+        times.append(time.perf_counter() - t)
+    _row("solve", "milp max_bytes (synthetic s)", tag, "seconds", times, rows)
+    times = []
+    for _ in range(7):
+        t = time.perf_counter()
+        planner.solve(table, max_sensitivity=plan.predicted["sensitivity"])
+        times.append(time.perf_counter() - t)
+    _row("solve", "milp max_sensitivity (synthetic s)", tag, "seconds", times, rows)
+    t = time.perf_counter()
+    front = planner.frontier(table, points=32)
+    _row("frontier", "milp x32 budgets (synthetic s)", tag, "seconds", time.perf_counter() - t, rows)
+    _row("frontier", "milp x32 budgets (synthetic s)", tag, "points", len(front), rows)
+    applied = apply_plan(model, plan)
+    _row("bytes", "planned@paper_size (synthetic s)", shape, "bytes", model_bytes(applied), rows)
+    _row("bytes", "planned@paper_size (synthetic s)", shape, "predicted_bytes", plan.predicted["bytes"], rows)
 
 
 if __name__ == "__main__":
