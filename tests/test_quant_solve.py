@@ -99,3 +99,11 @@ def test_frontier_is_monotone_and_optimal(t):
     for p in front:
         best_s, _ = brute_force(s, b, rest_bytes=rest, max_bytes=p.bytes)
         assert p.sensitivity == pytest.approx(best_s, rel=1e-9, abs=1e-9)
+
+
+def test_exact_ties_resolve_to_the_first_candidate():
+    # int4 leaves a convolution in fp32: same bytes and sensitivity as fp32, so the plan says fp32.
+    s = np.array([[0.0, 0.1, 0.0], [0.0, 0.5, 0.2]])
+    b = np.array([[100, 50, 100], [100, 50, 25]])
+    sol = solve_mckp(s, b, max_bytes=125)
+    assert sol.choice == (0, 2) and sol.bytes == 125

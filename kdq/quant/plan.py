@@ -42,13 +42,13 @@ import json
 import math
 import os
 import re
-import tempfile
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from kdq.errors import close_matches
+from kdq.quant._io import atomic_write_text
 from kdq.quant.dtypes_names import DEFAULT_DTYPE, DTYPES
 from kdq.quant.errors import PlanError
 
@@ -292,18 +292,7 @@ class Plan:
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write the plan as JSON atomically (temporary file + ``os.replace``); returns the path."""
-        p = Path(path)
-        text = self.to_json()
-        p.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(text)
-            os.replace(tmp, p)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return p
+        return atomic_write_text(path, self.to_json())
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Plan):

@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -37,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kdq.errors import bad_value, close_matches
+from kdq.quant._io import atomic_write_text
 from kdq.quant.apply import (
     Conversion,
     _tensor_key,
@@ -45,7 +45,7 @@ from kdq.quant.apply import (
     remove_cast_hooks,
     subtree_targets,
 )
-from kdq.quant.dtypes import DTYPES, dequantize_int4, dequantize_int8, get_dtype, quantize_int4, quantize_int8, quantized_class
+from kdq.quant.dtypes import dequantize_int4, dequantize_int8, get_dtype, quantize_int4, quantize_int8, quantized_class
 from kdq.quant.errors import GroupError, ProfileError
 from kdq.quant.groups import default_groups, resolve_groups
 from kdq.quant.plan import GroupRecord, Plan, model_fingerprint
@@ -131,23 +131,11 @@ class SensitivityTable:
                    data.get("tier", "measured"), data.get("fingerprint", ""), dict(data.get("meta", {})))
 
     def save(self, path: str | os.PathLike[str]) -> None:
-        _atomic_write(Path(path), self.to_json())
+        atomic_write_text(path, self.to_json())
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> SensitivityTable:
         return cls.from_json(Path(path).read_text(encoding="utf-8"))
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _progress(total: int, desc: str, enabled: bool):

@@ -8,7 +8,8 @@ binary ``x[g, d]`` picks one dtype per group (``sum_d x[g, d] = 1``):
 
 plus any extra cost columns ``c_k[g, d]`` with ``sum c_k x <= limit_k`` (e.g. latency measured on the
 target runtime). Ties are broken lexicographically by a second solve: among the least-sensitive
-plans the smallest one (and among the smallest the least sensitive). ``rest`` is the bytes of
+plans the smallest one (and among the smallest the least sensitive); candidates that are exactly
+equivalent for a group (same bytes, sensitivity and extra costs) resolve to the first listed. ``rest`` is the bytes of
 modules in no group. A choice whose sensitivity is not finite (inf/NaN: the converted model broke)
 is never picked. Budgets are checked again in exact integer/float arithmetic after the solve.
 
@@ -183,7 +184,21 @@ def solve_mckp(
             raise BudgetError(f"extra cost {name!r} has shape {cost.shape}, expected {s.shape}")
         rows_extra.append((np.where(allowed, cost, 0.0), float(limit)))
 
+    def canonical(ch: tuple[int, ...]) -> tuple[int, ...]:
+        # Among candidates with identical bytes, sensitivity and extra costs, keep the first listed
+        # (fp32 before int4 for a convolution that int4 leaves in fp32): same totals, clearer plan.
+        out = []
+        for g, d in enumerate(ch):
+            same = [
+                d2 for d2 in range(D)
+                if allowed[g, d2] and b[g, d2] == b[g, d] and s_f[g, d2] == s_f[g, d]
+                and all(np.asarray(c, float)[g, d2] == np.asarray(c, float)[g, d] for c, _ in extra.values())
+            ]
+            out.append(min(same))
+        return tuple(out)
+
     def totals(ch: tuple[int, ...]) -> Solution:
+        ch = canonical(ch)
         return Solution(
             choice=ch,
             bytes=int(rest_bytes + sum(int(b[g, d]) for g, d in enumerate(ch))),
