@@ -361,14 +361,64 @@ def run_world(
     return summary
 
 
+def summary_markdown(summary: dict) -> str:
+    """Markdown tables of a world summary: data, codec, NLL and time per stage (used by the docs)."""
+    st = summary["stages"]
+    lines = []
+    if "render" in st:
+        r = st["render"]
+        lines += ["| data | value |", "| --- | --- |"]
+        lines += [f"| pieces rendered / selected / failed | {r['pieces_rendered']} / {r['pieces_selected']} / {r['failures']} |",
+                  f"| clips, minutes | {r['clips']}, {r['minutes']} |"]
+        for split, v in r["splits"].items():
+            lines.append(f"| {split}: pieces, clips, minutes | {v['pieces']}, {v['clips']}, {v['minutes']} |")
+        lines += [f"| caption vocabulary, distinct captions | {r['caption_vocabulary']}, {r['distinct_captions']} |",
+                  f"| instruments | {', '.join(f'{k} {v}' for k, v in r['instruments'].items())} |",
+                  f"| tempo words | {', '.join(f'{k} {v}' for k, v in r['tempo_words'].items())} |", ""]
+    if "codec" in st:
+        c, h = st["codec"], st["codec"]["held_out"]
+        lines += ["| codec (held-out test clips) | value |", "| --- | --- |",
+                  f"| parameters | {c['params'] / 1e6:.2f} M |",
+                  f"| clips evaluated | {h['clips']} |",
+                  f"| log-mel L1 (reconstruction; all-silence reference) | {h['log_mel_l1']} ({h['log_mel_l1_silence']}) |",
+                  f"| chroma correlation (with a different clip: chance) | {h['chroma_corr']} ({h['chroma_corr_shuffled']}) |",
+                  f"| perplexity per codebook (of {summary['config']['codec']['codebook_size']}) | {h['perplexity']} |",
+                  f"| codes used per codebook | {h['usage']} |",
+                  f"| dead-code restarts during training | {c['restarts']} |", ""]
+    if "tokens" in st and ("teacher" in st or "student" in st):
+        u = st["tokens"]["unigram_test"]
+        lines += ["| model | decoder params | steps | test NLL all | first codebook | per codebook |",
+                  "| --- | --- | --- | --- | --- | --- |",
+                  f"| unigram baseline | - | - | {u['nll']} | {u['nll_first']} | {u['nll_per_codebook']} |"]
+        for name in ("teacher", "student"):
+            if name in st:
+                m, n = st[name], st[name]["test_nll"]
+                lines.append(f"| {name} | {m['decoder_params'] / 1e6:.2f} M | {m['steps']} | {n['nll']} | {n['nll_first']} | "
+                             f"{n['nll_per_codebook']} |")
+        lines.append("")
+    lines += ["| stage | wall s | CPU s | load (1 min) start -> end | cached |", "| --- | --- | --- | --- | --- |"]
+    for name in STAGES:
+        if name in st:
+            s = st[name]
+            load = s.get("load") or {}
+            lo = f"{load['start'][0]} -> {load['end'][0]}" if load else "-"
+            lines.append(f"| {name} | {s['wall_seconds']} | {s.get('cpu_seconds', '-')} | {lo} | {s['cached']} |")
+    lines.append(f"| total | {summary.get('total_wall_seconds')} | | | |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description="Build the mini world: render, codec, text, tokens, teacher, student.")
     ap.add_argument("--preset", default="mini", help=f"one of {sorted(PRESETS)}")
     ap.add_argument("--out", required=True)
     ap.add_argument("--rebuild", action="store_true", help="rerun every stage even when cached")
     ap.add_argument("--stages", default=",".join(STAGES), help="comma-separated subset, in pipeline order")
+    ap.add_argument("--markdown", action="store_true", help="print the summary as markdown tables")
     a = ap.parse_args(argv)
     summary = run_world(a.preset, a.out, rebuild=a.rebuild, stages=tuple(s for s in a.stages.split(",") if s))
+    if a.markdown:
+        print(summary_markdown(summary))
+        return
     brief = {s: {k: v for k, v in f.items() if k not in ("curve", "samples")} for s, f in summary["stages"].items()}
     print(json.dumps({"preset": summary["preset"], "total_wall_seconds": summary["total_wall_seconds"], "stages": brief}, indent=1))
 
