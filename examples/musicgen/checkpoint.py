@@ -63,17 +63,21 @@ def save_checkpoint(
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
-    weights = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
-    save_file(weights, str(tmp / "model.safetensors"))
-    extra: dict[str, torch.Tensor] = {}
-    meta: dict = {"state": state or {}}
-    if optimizer is not None:
-        extra, meta["optimizer"] = _flatten_optimizer(optimizer)
-    if generator is not None:
-        extra["rng.generator"] = generator.get_state()
-    extra["rng.torch"] = torch.get_rng_state()
-    save_file(extra, str(tmp / "optim.safetensors"))
-    (tmp / "state.json").write_text(json.dumps(meta, indent=1, sort_keys=True))
+    try:
+        weights = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
+        save_file(weights, str(tmp / "model.safetensors"))
+        extra: dict[str, torch.Tensor] = {}
+        meta: dict = {"state": state or {}}
+        if optimizer is not None:
+            extra, meta["optimizer"] = _flatten_optimizer(optimizer)
+        if generator is not None:
+            extra["rng.generator"] = generator.get_state()
+        extra["rng.torch"] = torch.get_rng_state()
+        save_file(extra, str(tmp / "optim.safetensors"))
+        (tmp / "state.json").write_text(json.dumps(meta, indent=1, sort_keys=True))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     old = None
     if path.exists():
         old = path.with_name(f".{path.name}.old")
