@@ -9,7 +9,8 @@ saved is a plain ``EncodecModel`` folder that ``from_pretrained`` loads and Musi
   spectrum. Each conv's direction gets a Kaiming-normal draw, its magnitude is that draw's norm, the
   bias is zero and the last decoder conv is scaled down by 10.
 * Unquantized warm-up: ``warmup_ae_steps`` steps train encoder and decoder with no quantizer.
-* Residual k-means initialisation (``kmeans_init``): codebook ``i`` is fitted by k-means (scipy) on the
+* Residual k-means initialisation (``kmeans_init``): codebook ``i`` is fitted by k-means (scipy, seeded
+  from random frames) on the
   residual left by codebooks ``< i`` over latents of ``kmeans_clips`` training clips.
 * Quantized training (``rvq_train_forward``): for codebook ``i`` with residual ``r_i`` and nearest
   code ``q_i``, ``r_{i+1} = r_i - q_i``; the decoder sees ``z + sg(sum_i q_i - z)`` (straight-through);
@@ -68,6 +69,7 @@ class CodecConfig:
     commit_weight: float = 0.25
     dead_ratio: float = 0.1
     kmeans_clips: int = 48
+    kmeans_minit: str = "points"  # scipy's "++" costs O(K^2 N D): 4.5 min for K=1024 on 9,600 frames vs 1 s
     wave_weight: float = 0.1
     mel_ffts: tuple = (256, 512, 1024, 2048)
     gain_range: tuple = (0.3, 1.0)
@@ -201,7 +203,7 @@ def _nearest(x: torch.Tensor, embed: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def kmeans_init(model, latents: torch.Tensor, *, seed: int = 0, iters: int = 10) -> list[float]:
+def kmeans_init(model, latents: torch.Tensor, *, seed: int = 0, iters: int = 10, minit: str = "points") -> list[float]:
     """Fit each codebook by k-means on the residual of the previous ones (in place).
 
     ``latents``: (frames, dim). Returns the relative residual energy after each codebook.
@@ -218,7 +220,7 @@ def kmeans_init(model, latents: torch.Tensor, *, seed: int = 0, iters: int = 10)
             reps = int(math.ceil(k / len(data)))
             rng = np.random.default_rng(seed + i)
             data = np.concatenate([data] * reps) + 1e-3 * np.std(data) * rng.standard_normal((len(data) * reps, data.shape[1]))
-        centroids, labels = kmeans2(data, k, iter=iters, minit="++", seed=seed + i)
+        centroids, _ = kmeans2(data, k, iter=iters, minit=minit, seed=seed + i, missing="warn")
         emb = torch.tensor(centroids, dtype=torch.float32)
         cb.embed.copy_(emb)
         cb.embed_avg.copy_(emb)
@@ -446,7 +448,9 @@ def train_codec(
             with torch.no_grad():
                 pick = torch.randperm(len(train_audio), generator=gen)[: cfg.kmeans_clips]
                 z = model.encoder(train_audio[pick][:, None, :])
-                log["kmeans_residual"] = kmeans_init(model, z.permute(0, 2, 1).reshape(-1, z.shape[1]), seed=cfg.seed)
+                log["kmeans_residual"] = kmeans_init(
+                    model, z.permute(0, 2, 1).reshape(-1, z.shape[1]), seed=cfg.seed, minit=cfg.kmeans_minit
+                )
         for group in opt.param_groups:
             group["lr"] = _lr_at(step, total=cfg.steps, warmup=cfg.lr_warmup, lr=cfg.lr)
         idx = torch.randint(len(train_audio), (cfg.batch_size,), generator=gen)
