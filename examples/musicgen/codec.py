@@ -69,7 +69,6 @@ class CodecConfig:
     commit_weight: float = 0.25
     dead_ratio: float = 0.1
     kmeans_clips: int = 48
-    kmeans_minit: str = "points"  # scipy's "++" costs O(K^2 N D): 4.5 min for K=1024 on 9,600 frames vs 1 s
     wave_weight: float = 0.1
     mel_ffts: tuple = (256, 512, 1024, 2048)
     gain_range: tuple = (0.3, 1.0)
@@ -206,7 +205,9 @@ def _nearest(x: torch.Tensor, embed: torch.Tensor) -> torch.Tensor:
 def kmeans_init(model, latents: torch.Tensor, *, seed: int = 0, iters: int = 10, minit: str = "points") -> list[float]:
     """Fit each codebook by k-means on the residual of the previous ones (in place).
 
-    ``latents``: (frames, dim). Returns the relative residual energy after each codebook.
+    ``latents``: (frames, dim). Returns the relative residual energy after each codebook. Centroids
+    start from random frames (``minit="points"``): scipy's k-means++ costs O(K^2 N D) and took
+    4.5 minutes for K=1024 on 9,600 frames, against about 1 s.
     """
     from scipy.cluster.vq import kmeans2
 
@@ -449,7 +450,7 @@ def train_codec(
                 pick = torch.randperm(len(train_audio), generator=gen)[: cfg.kmeans_clips]
                 z = model.encoder(train_audio[pick][:, None, :])
                 log["kmeans_residual"] = kmeans_init(
-                    model, z.permute(0, 2, 1).reshape(-1, z.shape[1]), seed=cfg.seed, minit=cfg.kmeans_minit
+                    model, z.permute(0, 2, 1).reshape(-1, z.shape[1]), seed=cfg.seed
                 )
         for group in opt.param_groups:
             group["lr"] = _lr_at(step, total=cfg.steps, warmup=cfg.lr_warmup, lr=cfg.lr)
