@@ -109,3 +109,18 @@ def test_presets_are_valid_and_smoke_is_small():
         p.codec.validate()
         assert json.loads(json.dumps(p.to_json()))["name"] == p.name
     assert sum(SMOKE.render.pieces.values()) <= 8 and SMOKE.codec.steps <= 50
+
+
+def test_markdown_report_reads_the_summary_without_running(world, capsys):
+    from musicgen.world import main, summary_markdown
+
+    out, _ = world
+    before = {p: p.stat().st_mtime_ns for p in out.glob("*/manifest.json")}
+    other = replace(TOY, codec=replace(TOY.codec, steps=7))  # a different preset must not be run either
+    assert stage_keys(other)["codec"] != stage_keys(TOY)["codec"]
+    main(["--preset", "smoke", "--out", str(out), "--markdown"])
+    printed = capsys.readouterr().out
+    assert {p: p.stat().st_mtime_ns for p in out.glob("*/manifest.json")} == before
+    summary = json.loads(world_paths(out)["summary"].read_text())
+    assert printed.strip() == summary_markdown(summary).strip()
+    assert "| teacher | " in printed and str(summary["stages"]["student"]["test_nll"]["nll"]) in printed
