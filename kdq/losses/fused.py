@@ -1,0 +1,366 @@
+"""Fused, chunked fast path for kdq's divergences.
+
+Distillation logits are large (``[8, 4, 500, 2048]`` fp32 is 131 MB) and a naive composition of
+four divergences keeps a dozen tensors of that size alive for backward. Here every term is computed
+from ONE log-softmax of the student and ONE of the teacher, chunk by chunk over positions, with
+hand-written gradients, so the memory beyond the inputs and their gradients is a few chunks.
+
+Two autograd functions share one chunk kernel (:func:`_chunk`):
+
+- :func:`kd_terms` returns per-position values ``[N, n_terms]``; its backward recomputes each
+  chunk from the logits (nothing of size ``N x V`` is saved). Used by the public divergences.
+- :func:`kd_loss` returns ``sum(coef * values)`` for per-position coefficients known up front (the
+  case of :class:`~kdq.losses.StageMixedKL`); it computes the gradient during the forward pass, in
+  the same sweep over the chunk, and stores only that gradient (which autograd would allocate
+  anyway). One pass over the logits instead of three.
+
+Gradients, with ``x = logits / T``, ``ls, lt`` the log-softmaxes, ``q, p`` their softmaxes,
+``d = ls - lt``, ``m = a p + (1 - a) q``, ``n = a q + (1 - a) p``, ``r = p / m``, ``r' = q / n``
+(per position; ``<f>`` is the sum of ``f`` over the vocabulary):
+
+========================  ================================  =========================================
+term                      d/dx_student                      d/dx_teacher
+========================  ================================  =========================================
+KL(p||q)                  q - p                             p (-d - KL(p||q))
+KL(q||p)                  q (d - KL(q||p))                  p - q
+KL(p||m)                  (1-a) q (<q r> - r)               p (lt - log m - KL(p||m) - a (r - <p r>))
+KL(q||n)                  q (ls - log n - KL(q||n)          (1-a) p (<p r'> - r')
+                          - a (r' - <q r'>))
+cross-entropy (T = 1)     softmax(s) - onehot(label)        0
+========================  ================================  =========================================
+
+The KL rows are then divided by ``T`` (chain rule through ``x = logits / T``). Adaptive KL uses
+head/tail ratios computed without gradient, so it adds to the KL(p||q) and KL(q||p) coefficients.
+Computation is float32 at least (float64 stays float64) whatever the input dtype.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import torch
+
+TERMS = ("forward_kl", "reverse_kl", "skewed_forward_kl", "skewed_reverse_kl", "adaptive_kl", "cross_entropy")
+
+#: Elements (rows x vocabulary) per chunk by default: about 1 MB of fp32 per temporary.
+DEFAULT_CHUNK_ELEMENTS = 1 << 18
+
+
+def chunk_rows(vocab: int, chunk_elements: int | None = None) -> int:
+    """Rows per chunk for a vocabulary of ``vocab`` entries."""
+    return max(1, (chunk_elements or DEFAULT_CHUNK_ELEMENTS) // max(vocab, 1))
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _chunk(
+    s: torch.Tensor,
+    t: torch.Tensor,
+    labels: torch.Tensor | None,
+    coef: torch.Tensor | None,
+    inv_t: torch.Tensor,
+    alpha: torch.Tensor,
+    head_mass: float,
+    terms: tuple[str, ...],
+    skew: bool,
+    want_grad_t: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Values ``[R, len(terms)]`` and, when ``coef`` ``[R, len(terms)]`` is given, the gradients of
+    ``sum(coef * values)`` with respect to ``s`` and (if ``want_grad_t``) ``t``.
+
+    ``inv_t`` (1 / temperature) and ``alpha`` are 0-d tensors of the compute dtype, so that a
+    compiled kernel does not recompile as the temperature anneals; ``skew`` is ``alpha != 0``.
+    """
+    dt = _compute_dtype(s)
+    tiny = torch.finfo(dt).tiny
+    need_kl = any(n != "cross_entropy" for n in terms)
+    vals: dict[str, torch.Tensor] = {}
+    grad = coef is not None
+    gs = gt = None
+    if need_kl:
+        xs = s.to(dt) * inv_t
+        xt = t.to(dt) * inv_t
+        xs = xs - xs.amax(-1, keepdim=True)
+        xt = xt - xt.amax(-1, keepdim=True)
+        q = xs.exp()
+        p = xt.exp()
+        zs = q.sum(-1, keepdim=True)
+        zt = p.sum(-1, keepdim=True)
+        q = q / zs
+        p = p / zt
+        ls = xs - zs.log()
+        lt = xt - zt.log()
+        d = ls - lt
+        fkl = -(p * d).sum(-1)
+        rkl = (q * d).sum(-1)
+        vals["forward_kl"] = fkl
+        vals["reverse_kl"] = rkl
+        if "adaptive_kl" in terms:
+            p_sorted, order = p.sort(dim=-1, descending=True)
+            gap = (p_sorted - q.gather(-1, order)).abs()
+            head = (p_sorted.cumsum(-1) - p_sorted) < head_mass
+            g_head = (gap * head).sum(-1)
+            total = gap.sum(-1)
+            safe = total > 0
+            w_head = torch.where(safe, g_head / torch.where(safe, total, 1.0), 0.5)
+            w_tail = 1.0 - w_head
+            vals["adaptive_kl"] = w_head * fkl + w_tail * rkl
+        if "skewed_forward_kl" in terms:
+            if not skew:
+                vals["skewed_forward_kl"] = fkl
+            else:
+                m = (alpha * p + (1.0 - alpha) * q).clamp_min(tiny)
+                lm = m.log()
+                sfkl = (p * (lt - lm)).sum(-1)
+                vals["skewed_forward_kl"] = sfkl
+        if "skewed_reverse_kl" in terms:
+            if not skew:
+                vals["skewed_reverse_kl"] = rkl
+            else:
+                nn_ = (alpha * q + (1.0 - alpha) * p).clamp_min(tiny)
+                ln = nn_.log()
+                srkl = (q * (ls - ln)).sum(-1)
+                vals["skewed_reverse_kl"] = srkl
+    if "cross_entropy" in terms:
+        if labels is None:  # internal invariant: callers pass labels with this term
+            raise RuntimeError("cross_entropy needs labels")
+        x1 = s.to(dt)
+        x1 = x1 - x1.amax(-1, keepdim=True)
+        e1 = x1.exp()
+        z1 = e1.sum(-1, keepdim=True)
+        ce = z1.squeeze(-1).log() - x1.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+        vals["cross_entropy"] = ce
+    values = torch.stack([vals[n] for n in terms], dim=-1)
+    if not grad:
+        return values, None, None
+
+    c = {n: coef[:, i : i + 1].to(dt) for i, n in enumerate(terms)}
+    zero = torch.zeros((), dtype=dt, device=s.device)
+    live = coef.ne(0).any(-1, keepdim=True)  # rows whose gradient is not exactly zero
+    if need_kl:
+        c_f = c.get("forward_kl", zero)
+        c_r = c.get("reverse_kl", zero)
+        if "adaptive_kl" in terms:
+            c_f = c_f + c["adaptive_kl"] * w_head.unsqueeze(-1)
+            c_r = c_r + c["adaptive_kl"] * w_tail.unsqueeze(-1)
+        if not skew:
+            c_f = c_f + c.get("skewed_forward_kl", zero)
+            c_r = c_r + c.get("skewed_reverse_kl", zero)
+        # student: q * (row + c_r d + ...) - c_f p, everything divided by T
+        row = c_f - c_r * rkl.unsqueeze(-1)
+        inner = c_r * d
+        gs_p = c_f
+        if want_grad_t:
+            t_row = -c_f * fkl.unsqueeze(-1) + c_r
+            t_inner = -c_f * d
+            t_q = c_r
+        if skew and "skewed_forward_kl" in terms:
+            c_sf = c["skewed_forward_kl"]
+            r = p / m
+            s3 = (q * r).sum(-1, keepdim=True)
+            row = row + c_sf * (1.0 - alpha) * s3
+            inner = inner - (c_sf * (1.0 - alpha)) * r
+            if want_grad_t:
+                s3p = (p * r).sum(-1, keepdim=True)
+                t_row = t_row + c_sf * (alpha * s3p - sfkl.unsqueeze(-1))
+                t_inner = t_inner + c_sf * (lt - lm - alpha * r)
+        if skew and "skewed_reverse_kl" in terms:
+            c_sr = c["skewed_reverse_kl"]
+            r2 = q / nn_
+            s4 = (q * r2).sum(-1, keepdim=True)
+            row = row + c_sr * (alpha * s4 - srkl.unsqueeze(-1))
+            inner = inner + c_sr * (ls - ln - alpha * r2)
+            if want_grad_t:
+                s4p = (p * r2).sum(-1, keepdim=True)
+                t_row = t_row + c_sr * (1.0 - alpha) * s4p
+                t_inner = t_inner - (c_sr * (1.0 - alpha)) * r2
+        gs = (q * (inner + row) - gs_p * p) * inv_t
+        if want_grad_t:
+            gt = (p * (t_inner + t_row) - t_q * q) * inv_t
+    if "cross_entropy" in terms:
+        c_ce = c["cross_entropy"]
+        g_ce = e1 * (c_ce / z1)
+        g_ce.scatter_add_(-1, labels.unsqueeze(-1), -c_ce)
+        gs = g_ce if gs is None else gs + g_ce
+    gs = torch.where(live, gs, 0.0).to(s.dtype)
+    if want_grad_t:
+        gt = torch.zeros_like(t) if gt is None else torch.where(live, gt, 0.0).to(t.dtype)
+    return values, gs, gt
+
+
+def _flat(x: torch.Tensor) -> torch.Tensor:
+    return x.reshape(-1, x.shape[-1])
+
+
+# ---------------------------------------------------------------------------------------------
+# Kernel selection: eager, or torch.compile with an eager fallback
+# ---------------------------------------------------------------------------------------------
+
+_compiled_kernel = None
+_compile_failed = False
+
+
+def compile_enabled(compile: bool | str) -> bool:
+    """Resolve a ``compile`` knob: ``True``, ``False`` or ``"auto"``.
+
+    ``"auto"`` compiles unless the environment variable ``KDQ_COMPILE`` is ``0`` or an earlier
+    compilation failed in this process.
+    """
+    if compile == "auto":
+        return os.environ.get("KDQ_COMPILE", "1") != "0" and not _compile_failed
+    return bool(compile) and not _compile_failed
+
+
+def _kernel(use_compile: bool):
+    global _compiled_kernel
+    if not use_compile:
+        return _chunk
+    if _compiled_kernel is None:
+        _compiled_kernel = torch.compile(_chunk, dynamic=False)
+    return _compiled_kernel
+
+
+def _sweep(s, t, labels, coef, temperature, alpha, head_mass, terms, rows, want_s, want_t, use_compile):
+    """Run the kernel over row chunks; returns (values [N, n], grad_s | None, grad_t | None).
+
+    With ``use_compile`` the last chunk is zero-padded to ``rows`` so that one compiled kernel
+    serves every batch size; on any compilation error the sweep falls back to eager, with a warning.
+    """
+    global _compile_failed
+    dt = _compute_dtype(s)
+    inv_t = torch.tensor(1.0 / temperature, dtype=dt, device=s.device)
+    a = torch.tensor(alpha, dtype=dt, device=s.device)
+    skew = alpha != 0.0
+    n = s.shape[0]
+    gs = torch.empty_like(s) if (want_s and coef is not None) else None
+    gt = torch.empty_like(t) if (want_t and coef is not None) else None
+    out = []
+    kernel = _kernel(use_compile)
+    for i in range(0, n, rows):
+        j = min(i + rows, n)
+        cs, ct = s[i:j], t[i:j]
+        lab = None if labels is None else labels[i:j]
+        cc = None if coef is None else coef[i:j]
+        if use_compile and j - i < rows:
+            pad = rows - (j - i)
+            cs = torch.nn.functional.pad(cs, (0, 0, 0, pad))
+            ct = torch.nn.functional.pad(ct, (0, 0, 0, pad))
+            lab = None if lab is None else torch.nn.functional.pad(lab, (0, pad))
+            cc = None if cc is None else torch.nn.functional.pad(cc, (0, 0, 0, pad))
+        try:
+            v, g1, g2 = kernel(cs, ct, lab, cc, inv_t, a, head_mass, terms, skew, want_t)
+        except Exception as exc:  # noqa: BLE001 - any compiler failure falls back to eager
+            if kernel is _chunk:
+                raise
+            _compile_failed = True
+            warnings.warn(f"kdq: torch.compile of the fused loss failed ({type(exc).__name__}: "
+                          f"{str(exc)[:200]}); using the eager kernel", RuntimeWarning, stacklevel=3)
+            return _sweep(s, t, labels, coef, temperature, alpha, head_mass, terms, rows, want_s,
+                          want_t, False)
+        m = j - i
+        out.append(v[:m])
+        if gs is not None:
+            gs[i:j] = g1[:m]
+        if gt is not None:
+            gt[i:j] = g2[:m]
+    values = torch.cat(out) if out else s.new_zeros((0, len(terms)), dtype=dt)
+    return values, gs, gt
+
+
+class _TermsFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, s, t, labels, temperature, alpha, head_mass, terms, rows, use_compile):  # type: ignore[override]
+        ctx.save_for_backward(s, t, labels)
+        ctx.cfg = (temperature, alpha, head_mass, terms, rows, use_compile)
+        values, _, _ = _sweep(s, t, labels, None, temperature, alpha, head_mass, terms, rows,
+                              False, False, use_compile)
+        return values
+
+    @staticmethod
+    def backward(ctx, gvals):  # type: ignore[override]
+        s, t, labels = ctx.saved_tensors
+        temperature, alpha, head_mass, terms, rows, use_compile = ctx.cfg
+        want_s, want_t = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        _, gs, gt = _sweep(s, t, labels, gvals.contiguous(), temperature, alpha, head_mass, terms,
+                           rows, want_s, want_t, use_compile)
+        return gs, gt, None, None, None, None, None, None, None
+
+
+class _LossFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, s, t, labels, coef, temperature, alpha, head_mass, terms, rows, use_compile):  # type: ignore[override]
+        want_s, want_t = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        values, gs, gt = _sweep(s, t, labels, coef, temperature, alpha, head_mass, terms, rows,
+                                want_s, want_t, use_compile)
+        ctx.save_for_backward(gs, gt)
+        ctx.mark_non_differentiable(values)
+        # masked rows (coef 0) may hold non-finite values: they must not reach the loss
+        weighted = torch.where(coef != 0, coef.to(values.dtype) * values, 0.0)
+        return weighted.sum(), values
+
+    @staticmethod
+    def backward(ctx, gloss, _gvalues):  # type: ignore[override]
+        gs, gt = ctx.saved_tensors
+        gs = None if gs is None else gs * gloss.to(gs.dtype)
+        gt = None if gt is None else gt * gloss.to(gt.dtype)
+        return gs, gt, None, None, None, None, None, None, None, None
+
+
+def kd_terms(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    terms: tuple[str, ...],
+    *,
+    temperature: float = 1.0,
+    alpha: float = 0.1,
+    head_mass: float = 0.5,
+    labels: torch.Tensor | None = None,
+    chunk_elements: int | None = None,
+    compile: bool | str = False,
+) -> torch.Tensor:
+    """Per-position values ``[..., len(terms)]`` of the named terms (see :data:`TERMS`).
+
+    Inputs are assumed validated. ``labels`` (needed for ``cross_entropy``) must hold valid class
+    indices everywhere (replace ignored ones by 0 and mask them out afterwards). Differentiable with
+    respect to both logits; the backward recomputes every chunk from the logits, so nothing of size
+    ``N x V`` is kept for it beyond the inputs.
+    """
+    lead = student.shape[:-1]
+    s, t = _flat(student), _flat(teacher)
+    lab = None if labels is None else labels.reshape(-1)
+    rows = chunk_rows(s.shape[-1], chunk_elements)
+    out = _TermsFn.apply(s, t, lab, float(temperature), float(alpha), float(head_mass), tuple(terms),
+                         rows, compile_enabled(compile))
+    return out.reshape(*lead, len(terms))
+
+
+def kd_loss(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    terms: tuple[str, ...],
+    coef: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    alpha: float = 0.1,
+    head_mass: float = 0.5,
+    labels: torch.Tensor | None = None,
+    chunk_elements: int | None = None,
+    compile: bool | str = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(sum(coef * values), values)`` with ``coef`` and ``values`` of shape ``[..., len(terms)]``.
+
+    ``coef`` is treated as a constant (no gradient flows into it). The gradient with respect to the
+    logits is computed during this call, in the same sweep, and stored until backward; ``values``
+    carries no gradient.
+    """
+    lead = student.shape[:-1]
+    s, t = _flat(student), _flat(teacher)
+    lab = None if labels is None else labels.reshape(-1)
+    c = coef.detach().reshape(-1, len(terms)).contiguous()
+    rows = chunk_rows(s.shape[-1], chunk_elements)
+    loss, values = _LossFn.apply(s, t, lab, c, float(temperature), float(alpha), float(head_mass),
+                                 tuple(terms), rows, compile_enabled(compile))
+    return loss, values.reshape(*lead, len(terms))
