@@ -445,13 +445,10 @@ def _autocast(enabled: bool, device: torch.device):
     return torch.autocast(device.type, dtype=torch.bfloat16) if enabled else nullcontext()
 
 
-def _stage_name(kd, parts: dict | None, step: int) -> str:
-    stage_at = getattr(kd, "stage_at", None)
-    if callable(stage_at):
-        return str(stage_at(step))
-    if parts:
-        return max(parts, key=lambda n: float(parts[n][0]))
-    return "ce"
+def _stage_name(kd, step: int) -> str:
+    """What the loss leans on at ``step``: the component with the largest weight."""
+    weights = kd.weights_at(step)
+    return max(weights, key=weights.get)
 
 
 def _build_kd(config: DistillConfig):
@@ -570,7 +567,7 @@ def distill(student, teacher, data: CodesDataset, tokenizer, config: DistillConf
             with torch.no_grad():
                 ht, at = encode_text(teacher, ids, attn, drop=drop)
                 t_logits = decoder_logits(teacher, inputs, ht, at)
-        loss = kd(s_logits, t_logits, step=step, mask=mask)
+        loss = kd(s_logits, t_logits, step=step, mask=mask, labels=labels.masked_fill(~mask, -100))
         if config.ce_weight > 0:
             loss = loss + config.ce_weight * masked_ce(s_logits, labels, mask)
         return loss, s_logits, t_logits, labels, mask
@@ -619,7 +616,8 @@ def distill(student, teacher, data: CodesDataset, tokenizer, config: DistillConf
             tokens += int(mask.sum())
             if last and rank == 0 and kd is not None and (step % config.log_every == 0 or step == config.steps - 1):
                 with torch.no_grad():
-                    parts = kd.components(s_logits.detach(), t_logits, step=step, mask=mask)
+                    parts = kd.components(s_logits.detach(), t_logits, step=step, mask=mask,
+                                          labels=labels.masked_fill(~mask, -100))
         loss_value = float(_all_reduce_sum(loss_sum).item() / n_global)
         lr = config.lr_at(step)
         for group in optimizer.param_groups:
@@ -635,7 +633,7 @@ def distill(student, teacher, data: CodesDataset, tokenizer, config: DistillConf
                      "time_s": round(time.perf_counter() - t_start, 4)}
             if kd is not None:
                 entry["temperature"] = float(kd.temperature_at(step))
-                entry["stage"] = _stage_name(kd, parts, step)
+                entry["stage"] = _stage_name(kd, step)
                 if parts is not None:
                     entry["components"] = {n: {"weight": float(w), "value": float(v)} for n, (w, v) in parts.items()}
             curve.write(json.dumps(entry) + "\n")
