@@ -1,0 +1,26 @@
+"""Mixed-precision planning: measure per-submodule sensitivity, solve for a plan, apply it.
+
+- ``DTYPES`` and the handlers (``kdq.quant.dtypes``): fp32/fp16/bf16 casts, int8/int4 weight-only.
+- ``Plan`` (``kdq.quant.plan``): rules from module names or ``re:`` patterns to dtypes, as JSON.
+- ``apply_plan``, ``model_bytes`` (``kdq.quant.apply``).
+"""
+
+from kdq.quant.apply import apply_plan, model_bytes, module_dtypes
+from kdq.quant.dtypes_names import DEFAULT_DTYPE, DTYPES
+from kdq.quant.errors import BudgetError, GroupError, PlanError, ProfileError
+from kdq.quant.plan import GroupRecord, Plan, model_fingerprint
+
+__all__ = [
+    "DTYPES",
+    "DEFAULT_DTYPE",
+    "Plan",
+    "GroupRecord",
+    "apply_plan",
+    "model_bytes",
+    "module_dtypes",
+    "model_fingerprint",
+    "PlanError",
+    "GroupError",
+    "BudgetError",
+    "ProfileError",
+]

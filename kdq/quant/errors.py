@@ -1,0 +1,21 @@
+"""Typed errors of the mixed-precision planner (all ``ValueError`` subclasses via ``KdqError``)."""
+
+from __future__ import annotations
+
+from kdq.errors import KdqError
+
+
+class PlanError(KdqError):
+    """A malformed plan file, an unknown dtype, or a plan applied to a model it does not fit."""
+
+
+class GroupError(KdqError):
+    """A group name or pattern that names no module, or groups that overlap."""
+
+
+class BudgetError(KdqError):
+    """A size or sensitivity budget that no assignment of the candidates can meet."""
+
+
+class ProfileError(KdqError):
+    """Bad profiling input: a score function that returned a non-number, or a stale cache."""
