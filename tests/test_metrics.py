@@ -205,6 +205,8 @@ def test_retention_defined_once_both_directions():
         {"fad_encodec": 4.0, "clap_score_clap-mini-proxy": 0.2, "n_generated": 10},
     )
     assert table == pytest.approx({"retention_fad_encodec": 1.25, "retention_clap_score_clap-mini-proxy": 0.5})
+    # Undefined (negative score) is None in a table, an error in the scalar function.
+    assert retention_table({"clap_score_x": 0.3}, {"clap_score_x": -0.2}) == {"retention_clap_score_x": None}
     with pytest.raises(ScoreError, match="compressed=0.0"):
         retention(1.0, 0.0, higher_is_better=False)
     with pytest.raises(ScoreError, match="baseline=-0.1"):

@@ -137,15 +137,22 @@ def _direction(key: str) -> bool | None:
     return None
 
 
-def retention_table(baseline: Mapping[str, float], compressed: Mapping[str, float]) -> dict[str, float]:
+def retention_table(baseline: Mapping[str, float], compressed: Mapping[str, float]) -> dict[str, float | None]:
     """``retention`` for every score key both results share (``fad_*`` lower, ``clap_score_*`` higher).
 
-    Returns ``{"retention_<key>": value}``; other keys (sample counts, intervals) are ignored.
+    Returns ``{"retention_<key>": value}``, with None where retention is undefined (a score <= 0,
+    e.g. a negative CLAP score); other keys and non-numeric values (sample counts, intervals) are
+    ignored.
     """
     out = {}
     for key, value in baseline.items():
         direction = _direction(key)
-        if direction is None or key not in compressed:
+        other = compressed.get(key)
+        numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (value, other))
+        if direction is None or not numeric:
             continue
-        out[f"retention_{key}"] = retention(float(value), float(compressed[key]), higher_is_better=direction)
+        try:
+            out[f"retention_{key}"] = retention(float(value), float(other), higher_is_better=direction)
+        except ScoreError:
+            out[f"retention_{key}"] = None
     return out
