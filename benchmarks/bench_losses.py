@@ -11,9 +11,10 @@ mid-run step so that every weight is non-zero):
 - ``cross_entropy``: ``torch.nn.functional.cross_entropy`` on the same student logits.
 
 Timing: one process, implementations alternating every repeat, medians (p20/p80 too). Peak memory:
-each implementation in a FRESH subprocess; after the inputs are allocated and one warm-up pass is
-done, the kernel's peak-RSS counter is reset (``/proc/self/clear_refs``) and the extra peak RSS of
-one forward+backward is ``VmHWM - VmRSS(before)``. The student's gradient (the size of the logits)
+each implementation in a FRESH subprocess (glibc's mmap threshold fixed at 128 KiB so that freed
+buffers leave the process); after the inputs are allocated and one warm-up pass is done, the
+kernel's peak-RSS counter is reset (``/proc/self/clear_refs``) and the extra peak RSS of one
+forward+backward is ``VmHWM - VmRSS(before)``. The student's gradient (the size of the logits)
 is part of every implementation's extra memory.
 
 Targets (issue 2): time <= 0.4x naive and <= 2.5x cross-entropy; extra peak memory <= 0.3x naive.
@@ -113,7 +114,10 @@ def memory_child(impl: str, shape: tuple[int, ...], threads: int) -> None:
 def measure_memory(impl: str, shape, threads: int) -> int:
     cmd = [sys.executable, __file__, "--memory-child", impl, "--shape", ",".join(map(str, shape)),
            "--threads", str(threads)]
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env={**os.environ})
+    # A fixed mmap threshold makes glibc return every large buffer to the OS on free (its default
+    # dynamic threshold would keep the warm-up's buffers in the heap and hide the peak).
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
     return json.loads(out.stdout.strip().splitlines()[-1])["extra_peak_bytes"]
 
 
@@ -170,6 +174,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--impls", default=",".join(IMPLS))
     ap.add_argument("--no-csv", action="store_true", help="print only, append nothing")
+    ap.add_argument("--memory-only", action="store_true", help="only the fresh-process peak memory")
     ap.add_argument("--table", action="store_true", help="render the newest rows of the CSV and exit")
     ap.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -183,6 +188,10 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     impls = args.impls.split(",")
+    if args.memory_only:
+        for impl in impls:
+            print(f"{impl:>22} extra peak {measure_memory(impl, shape, args.threads) / 2**20:8.1f} MB")
+        return
     student, teacher, labels, mask = make_inputs(shape)
     runs = {i: make_step(i, student, teacher, labels, mask) for i in impls}
     extra: dict[str, float] = {}
