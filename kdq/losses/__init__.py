@@ -26,6 +26,7 @@ from kdq.losses.errors import (
     StageMixedKLConfigError,
     TemperatureError,
 )
+from kdq.losses import fused, reference
 from kdq.losses.stage_mixed import StageMixedKL, paper_config
 
 __all__ = [

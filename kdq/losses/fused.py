@@ -80,6 +80,11 @@ def _chunk(
     vals: dict[str, torch.Tensor] = {}
     grad = coef is not None
     gs = gt = None
+    # which of the plain KLs are needed (alpha = 0 turns the skewed terms into the plain ones)
+    need_f = "forward_kl" in terms or "adaptive_kl" in terms or (not skew and "skewed_forward_kl" in terms)
+    need_r = "reverse_kl" in terms or "adaptive_kl" in terms or (not skew and "skewed_reverse_kl" in terms)
+    sf = skew and "skewed_forward_kl" in terms
+    sr = skew and "skewed_reverse_kl" in terms
     if need_kl:
         xs = s.to(dt) * inv_t
         xt = t.to(dt) * inv_t
@@ -93,11 +98,14 @@ def _chunk(
         p = p / zt
         ls = xs - zs.log()
         lt = xt - zt.log()
-        d = ls - lt
-        fkl = -(p * d).sum(-1)
-        rkl = (q * d).sum(-1)
-        vals["forward_kl"] = fkl
-        vals["reverse_kl"] = rkl
+        if need_f or need_r:
+            d = ls - lt
+        if need_f:
+            fkl = -(p * d).sum(-1)
+            vals["forward_kl"] = fkl
+        if need_r:
+            rkl = (q * d).sum(-1)
+            vals["reverse_kl"] = rkl
         if "adaptive_kl" in terms:
             p_sorted, order = p.sort(dim=-1, descending=True)
             gap = (p_sorted - q.gather(-1, order)).abs()
@@ -108,22 +116,20 @@ def _chunk(
             w_head = torch.where(safe, g_head / torch.where(safe, total, 1.0), 0.5)
             w_tail = 1.0 - w_head
             vals["adaptive_kl"] = w_head * fkl + w_tail * rkl
-        if "skewed_forward_kl" in terms:
-            if not skew:
-                vals["skewed_forward_kl"] = fkl
-            else:
-                m = (alpha * p + (1.0 - alpha) * q).clamp_min(tiny)
-                lm = m.log()
-                sfkl = (p * (lt - lm)).sum(-1)
-                vals["skewed_forward_kl"] = sfkl
-        if "skewed_reverse_kl" in terms:
-            if not skew:
-                vals["skewed_reverse_kl"] = rkl
-            else:
-                nn_ = (alpha * q + (1.0 - alpha) * p).clamp_min(tiny)
-                ln = nn_.log()
-                srkl = (q * (ls - ln)).sum(-1)
-                vals["skewed_reverse_kl"] = srkl
+        if sf:
+            m = (alpha * p + (1.0 - alpha) * q).clamp_min(tiny)
+            lm = m.log()
+            sfkl = (p * (lt - lm)).sum(-1)
+            vals["skewed_forward_kl"] = sfkl
+        elif "skewed_forward_kl" in terms:
+            vals["skewed_forward_kl"] = fkl
+        if sr:
+            nn_ = (alpha * q + (1.0 - alpha) * p).clamp_min(tiny)
+            ln = nn_.log()
+            srkl = (q * (ls - ln)).sum(-1)
+            vals["skewed_reverse_kl"] = srkl
+        elif "skewed_reverse_kl" in terms:
+            vals["skewed_reverse_kl"] = rkl
     if "cross_entropy" in terms:
         if labels is None:  # internal invariant: callers pass labels with this term
             raise RuntimeError("cross_entropy needs labels")
@@ -138,57 +144,69 @@ def _chunk(
         return values, None, None
 
     c = {n: coef[:, i : i + 1].to(dt) for i, n in enumerate(terms)}
-    zero = torch.zeros((), dtype=dt, device=s.device)
     live = coef.ne(0).any(-1, keepdim=True)  # rows whose gradient is not exactly zero
     if need_kl:
-        c_f = c.get("forward_kl", zero)
-        c_r = c.get("reverse_kl", zero)
-        if "adaptive_kl" in terms:
-            c_f = c_f + c["adaptive_kl"] * w_head.unsqueeze(-1)
-            c_r = c_r + c["adaptive_kl"] * w_tail.unsqueeze(-1)
-        if not skew:
-            c_f = c_f + c.get("skewed_forward_kl", zero)
-            c_r = c_r + c.get("skewed_reverse_kl", zero)
-        # student: q * (row + c_r d + ...) - c_f p, everything divided by T
-        row = c_f - c_r * rkl.unsqueeze(-1)
-        inner = c_r * d
-        gs_p = c_f
-        if want_grad_t:
-            t_row = -c_f * fkl.unsqueeze(-1) + c_r
-            t_inner = -c_f * d
-            t_q = c_r
-        if skew and "skewed_forward_kl" in terms:
+        # d/dx_s = q * (inner + row) - c_f p ;  d/dx_t = p * (t_inner + t_row) - c_r q   (then / T)
+        c_f = c_r = None
+        if need_f:
+            c_f = _add(c.get("forward_kl"), None if skew else c.get("skewed_forward_kl"))
+            if "adaptive_kl" in terms:
+                c_f = _add(c_f, c["adaptive_kl"] * w_head.unsqueeze(-1))
+        if need_r:
+            c_r = _add(c.get("reverse_kl"), None if skew else c.get("skewed_reverse_kl"))
+            if "adaptive_kl" in terms:
+                c_r = _add(c_r, c["adaptive_kl"] * w_tail.unsqueeze(-1))
+        inner = row = t_inner = t_row = None
+        if c_f is not None:
+            row = c_f
+            if want_grad_t:
+                t_row = -c_f * fkl.unsqueeze(-1)
+                t_inner = -c_f * d
+        if c_r is not None:
+            row = _add(row, -c_r * rkl.unsqueeze(-1))
+            inner = c_r * d
+            if want_grad_t:
+                t_row = _add(t_row, c_r)
+        if sf:
             c_sf = c["skewed_forward_kl"]
             r = p / m
-            s3 = (q * r).sum(-1, keepdim=True)
-            row = row + c_sf * (1.0 - alpha) * s3
-            inner = inner - (c_sf * (1.0 - alpha)) * r
+            row = _add(row, c_sf * (1.0 - alpha) * (q * r).sum(-1, keepdim=True))
+            inner = _add(inner, -(c_sf * (1.0 - alpha)) * r)
             if want_grad_t:
-                s3p = (p * r).sum(-1, keepdim=True)
-                t_row = t_row + c_sf * (alpha * s3p - sfkl.unsqueeze(-1))
-                t_inner = t_inner + c_sf * (lt - lm - alpha * r)
-        if skew and "skewed_reverse_kl" in terms:
+                t_row = _add(t_row, c_sf * (alpha * (p * r).sum(-1, keepdim=True) - sfkl.unsqueeze(-1)))
+                t_inner = _add(t_inner, c_sf * (lt - lm - alpha * r))
+        if sr:
             c_sr = c["skewed_reverse_kl"]
             r2 = q / nn_
-            s4 = (q * r2).sum(-1, keepdim=True)
-            row = row + c_sr * (alpha * s4 - srkl.unsqueeze(-1))
-            inner = inner + c_sr * (ls - ln - alpha * r2)
+            row = _add(row, c_sr * (alpha * (q * r2).sum(-1, keepdim=True) - srkl.unsqueeze(-1)))
+            inner = _add(inner, c_sr * (ls - ln - alpha * r2))
             if want_grad_t:
-                s4p = (p * r2).sum(-1, keepdim=True)
-                t_row = t_row + c_sr * (1.0 - alpha) * s4p
-                t_inner = t_inner - (c_sr * (1.0 - alpha)) * r2
-        gs = (q * (inner + row) - gs_p * p) * inv_t
+                t_row = _add(t_row, c_sr * (1.0 - alpha) * (p * r2).sum(-1, keepdim=True))
+                t_inner = _add(t_inner, -(c_sr * (1.0 - alpha)) * r2)
+        gs = q * (row if inner is None else inner + row)
+        if c_f is not None:
+            gs = gs - c_f * p
+        gs = gs * inv_t
         if want_grad_t:
-            gt = (p * (t_inner + t_row) - t_q * q) * inv_t
+            gt = p * (t_row if t_inner is None else t_inner + t_row)
+            if c_r is not None:
+                gt = gt - c_r * q
+            gt = gt * inv_t
     if "cross_entropy" in terms:
         c_ce = c["cross_entropy"]
         g_ce = e1 * (c_ce / z1)
-        g_ce.scatter_add_(-1, labels.unsqueeze(-1), -c_ce)
+        g_ce = g_ce.scatter_add(-1, labels.unsqueeze(-1), -c_ce)
         gs = g_ce if gs is None else gs + g_ce
     gs = torch.where(live, gs, 0.0).to(s.dtype)
     if want_grad_t:
         gt = torch.zeros_like(t) if gt is None else torch.where(live, gt, 0.0).to(t.dtype)
     return values, gs, gt
+
+
+def _add(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
+    if a is None:
+        return b
+    return a if b is None else a + b
 
 
 def _flat(x: torch.Tensor) -> torch.Tensor:

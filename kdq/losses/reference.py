@@ -118,3 +118,39 @@ def cross_entropy(student: torch.Tensor, labels: torch.Tensor, ignore_index: int
     keep = labels != ignore_index
     nll = -ls.gather(-1, torch.where(keep, labels, 0).unsqueeze(-1)).squeeze(-1)
     return torch.where(keep, nll, 0.0)
+
+
+_REFERENCE_TERMS = {
+    "forward_kl": lambda s, t, T, a, hm: forward_kl(s, t, T),
+    "reverse_kl": lambda s, t, T, a, hm: reverse_kl(s, t, T),
+    "skewed_forward_kl": lambda s, t, T, a, hm: skewed_forward_kl(s, t, a, T),
+    "skewed_reverse_kl": lambda s, t, T, a, hm: skewed_reverse_kl(s, t, a, T),
+    "adaptive_kl": lambda s, t, T, a, hm: adaptive_kl(s, t, hm, T),
+}
+
+
+def naive_composition(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    weights: dict[str, float],
+    temperature: float,
+    alpha: float = 0.1,
+    mask: torch.Tensor | None = None,
+    head_mass: float = 0.5,
+) -> torch.Tensor:
+    """``sum_n weights[n] * masked_mean(term_n)``, each term computed on its own.
+
+    This is how most distillation code composes divergences (one log-softmax per term, plain
+    autograd); it is what :class:`kdq.losses.StageMixedKL` is tested against and what the
+    benchmark times as "naive". ``weights`` uses the KL component names (e.g. from
+    ``StageMixedKL.weights_at(step)``).
+    """
+    total = None
+    count = None if mask is None else mask.sum().clamp_min(1)
+    for name, w in weights.items():
+        v = _REFERENCE_TERMS[name](student, teacher, temperature, alpha, head_mass)
+        v = v.mean() if mask is None else torch.where(mask, v, 0.0).sum() / count
+        total = w * v if total is None else total + w * v
+    if total is None:
+        raise ValueError("weights is empty")
+    return total

@@ -270,8 +270,9 @@ class StageMixedKL(nn.Module):
         weights = {n: self.weights[n](s) * (t2 if n != "cross_entropy" else 1.0) for n in terms}
         lead = student.shape[:-1]
         dev = student.device
-        base = torch.ones(lead, dtype=torch.float32, device=dev) if mask is None else mask.to(torch.float32)
-        base = base * self._position_weights(student)
+        cdt = torch.float64 if student.dtype == torch.float64 else torch.float32
+        base = torch.ones(lead, dtype=cdt, device=dev) if mask is None else mask.to(cdt)
+        base = base * self._position_weights(student, cdt)
         pws: dict[str, torch.Tensor] = {}
         dens: dict[str, torch.Tensor] = {}
         for n in terms:
@@ -279,7 +280,7 @@ class StageMixedKL(nn.Module):
             if n == "cross_entropy":
                 pw = base * (labels != self.ignore_index)
             pws[n] = pw
-            dens[n] = pw.sum().clamp_min(torch.finfo(torch.float32).tiny)
+            dens[n] = pw.sum().clamp_min(torch.finfo(cdt).tiny)
         coef = torch.stack([pws[n] * (weights[n] / dens[n]) for n in terms], dim=-1)
         safe_labels = None
         if labels is not None:
@@ -287,7 +288,7 @@ class StageMixedKL(nn.Module):
         return {"terms": terms, "coef": coef, "temperature": temperature, "labels": safe_labels,
                 "weights": weights, "position_weights": pws, "denominators": dens}
 
-    def _position_weights(self, logits: torch.Tensor) -> torch.Tensor | float:
+    def _position_weights(self, logits: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | float:
         w: torch.Tensor | float = 1.0
         if self.codebook_weights is not None:
             k = len(self.codebook_weights)
@@ -295,7 +296,7 @@ class StageMixedKL(nn.Module):
                 raise bad_value(LogitsShapeError, "student_logits", f"tensor(shape={tuple(logits.shape)})",
                                 f"[..., K={k}, T, V] to match the {k} codebook_weights",
                                 "pass codebook_weights=None for logits without a codebook axis")
-            cw = torch.tensor(self.codebook_weights, dtype=torch.float32, device=logits.device)
+            cw = torch.tensor(self.codebook_weights, dtype=dtype, device=logits.device)
             w = cw[:, None]
         if self.time_weighting is not None:
             if logits.ndim < 2:
@@ -305,7 +306,7 @@ class StageMixedKL(nn.Module):
             if any(not math.isfinite(x) or x < 0 for x in tw):
                 raise bad_value(StageMixedKLConfigError, "time_weighting", self.time_weighting,
                                 "a schedule with finite values >= 0 at every frame index")
-            w = w * torch.tensor(tw, dtype=torch.float32, device=logits.device)
+            w = w * torch.tensor(tw, dtype=dtype, device=logits.device)
         return w
 
     def _check_labels(self, labels: torch.Tensor | None, logits: torch.Tensor) -> torch.Tensor:
