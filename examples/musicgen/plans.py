@@ -109,7 +109,9 @@ def musicgen_score(model: Any, *, audio_weight: float = 1.0, **calibration: Any)
 
     The KL (nats per codebook position) covers the text encoder and the decoder; the relative error
     of ``audio_encoder.decode`` on fixed codes covers EnCodec, which the logits never see.
-    Reference outputs are computed once, here, from ``model`` as it is (fp32).
+    Reference outputs are computed once, here, from ``model`` as it is (fp32). Each part is scoped
+    (the KL to text encoder, decoder and projection; the audio error to EnCodec), so the planner
+    skips the forward a converted group cannot change.
     """
     from kdq.quant.scores import OutputKL, RelativeError, SumOfScores
 
@@ -123,4 +125,8 @@ def musicgen_score(model: Any, *, audio_weight: float = 1.0, **calibration: Any)
     def audio(m):
         return m.audio_encoder.decode(x["audio_codes"], [None]).audio_values
 
-    return SumOfScores([OutputKL(logits, model), RelativeError(audio, model)], [1.0, audio_weight])
+    lm_scope = ["text_encoder", "decoder", "enc_to_dec_proj"]
+    return SumOfScores(
+        [OutputKL(logits, model, scope=lm_scope), RelativeError(audio, model, scope=["audio_encoder"])],
+        [1.0, audio_weight],
+    )

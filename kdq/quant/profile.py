@@ -293,7 +293,8 @@ class MixedPrecisionPlanner:
                     try:
                         conv.convert(subtree_targets(self.model, self.groups[g], d))
                         nbytes = self._group_bytes(self.groups[g])
-                        score = float(score_fn(self.model))
+                        fn = score_fn.restrict(self.groups[g]) if hasattr(score_fn, "restrict") else score_fn
+                        score = float(fn(self.model))  # skipped parts are 0: unchanged output
                     finally:
                         conv.restore()
                     table.sensitivity[g][d] = score - baseline if math.isfinite(score) else math.inf

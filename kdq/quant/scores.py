@@ -12,6 +12,12 @@ output of the fp32 model **once** at construction, and compares every later call
   inverse is the output SQNR in dB). For models without a distribution (codecs, encoders, vision).
 - ``SumOfScores``: a weighted sum, e.g. MusicGen's logits KL plus EnCodec's relative audio error,
   so that parts that do not feed the logits still get a sensitivity.
+
+Scopes. ``OutputKL`` and ``RelativeError`` take an optional ``scope``: the module names (subtrees)
+their output can depend on. When the planner converts a group entirely outside a score's scope it
+knows the output cannot change and skips that forward (``restrict``), e.g. EnCodec groups skip the
+decoder forward of MusicGen's logits KL. A wrong scope gives wrong (zero) sensitivities: leave it
+``None`` (always evaluate) unless the data flow is certain.
 """
 
 from __future__ import annotations
@@ -60,6 +66,20 @@ def kl_to_reference(ref_logits: torch.Tensor, logits: torch.Tensor, *, temperatu
     return float(kl.mean())
 
 
+def _in_scope(scope: Sequence[str] | None, roots: Sequence[str]) -> bool:
+    if scope is None:
+        return True
+    for r in roots:
+        for sc in scope:
+            if r == sc or r.startswith(sc + ".") or sc.startswith(r + "."):
+                return True
+    return False
+
+
+def _zero(model: nn.Module) -> float:
+    return 0.0
+
+
 class OutputKL:
     """``score_fn``: mean KL (nats/position) of ``forward(model)``'s logits to the fp32 model's.
 
@@ -69,13 +89,23 @@ class OutputKL:
         reference: the unconverted model; its output is computed once, here.
         temperature: softening temperature.
         mask: optional boolean mask over the logits' positions.
+        scope: module names the logits depend on (see the module docstring), or None.
     """
 
     name = "kl"
 
-    def __init__(self, forward: Forward, reference: nn.Module, *, temperature: float = 1.0, mask: torch.Tensor | None = None) -> None:
+    def __init__(
+        self,
+        forward: Forward,
+        reference: nn.Module,
+        *,
+        temperature: float = 1.0,
+        mask: torch.Tensor | None = None,
+        scope: Sequence[str] | None = None,
+    ) -> None:
         if not temperature > 0:
             raise ProfileError(f"temperature={temperature!r} is not allowed: it must be > 0")
+        self.scope = None if scope is None else tuple(scope)
         self.forward = forward
         self.temperature = temperature
         self.mask = mask
@@ -89,6 +119,10 @@ class OutputKL:
             raise ProfileError(f"forward(model) must return logits (a tensor or an output with .logits), got {type(out).__name__}")
         return out.detach().float()
 
+    def restrict(self, roots: Sequence[str]) -> Callable[[nn.Module], float]:
+        """This score, or a constant 0 when converting ``roots`` cannot change its output."""
+        return self if _in_scope(self.scope, roots) else _zero
+
     def __call__(self, model: nn.Module) -> float:
         return kl_to_reference(self.reference, self._logits(model), temperature=self.temperature, mask=self.mask)
 
@@ -99,11 +133,13 @@ class RelativeError:
     Args:
         forward: ``forward(model) -> tensor(s)`` on fixed inputs (called under ``torch.no_grad``).
         reference: the unconverted model; its output is computed once, here.
+        scope: module names the output depends on (see the module docstring), or None.
     """
 
     name = "relative_error"
 
-    def __init__(self, forward: Forward, reference: nn.Module) -> None:
+    def __init__(self, forward: Forward, reference: nn.Module, *, scope: Sequence[str] | None = None) -> None:
+        self.scope = None if scope is None else tuple(scope)
         self.forward = forward
         self.reference = self._outputs(reference)
         self._den = sum(float(t.double().pow(2).sum()) for t in self.reference) or 1.0
@@ -115,6 +151,10 @@ class RelativeError:
         if not outs:
             raise ProfileError("forward(model) returned no floating tensor to compare")
         return outs
+
+    def restrict(self, roots: Sequence[str]) -> Callable[[nn.Module], float]:
+        """This score, or a constant 0 when converting ``roots`` cannot change its output."""
+        return self if _in_scope(self.scope, roots) else _zero
 
     def __call__(self, model: nn.Module) -> float:
         outs = self._outputs(model)
@@ -144,6 +184,12 @@ class SumOfScores:
         self.weights = [1.0] * len(self.scores) if weights is None else [float(w) for w in weights]
         if len(self.weights) != len(self.scores):
             raise ProfileError(f"weights has {len(self.weights)} entries for {len(self.scores)} scores")
+
+    def restrict(self, roots: Sequence[str]) -> SumOfScores:
+        """The sum of the parts' restrictions (parts that cannot change are skipped)."""
+        parts = [(w, s.restrict(roots) if hasattr(s, "restrict") else s) for w, s in zip(self.weights, self.scores)]
+        parts = [(w, s) for w, s in parts if s is not _zero]
+        return SumOfScores([s for _, s in parts], [w for w, _ in parts])
 
     def __call__(self, model: nn.Module) -> float:
         return float(sum(w * s(model) for w, s in zip(self.weights, self.scores)))

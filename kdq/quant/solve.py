@@ -45,22 +45,98 @@ class Solution:
     extra: dict[str, float]
 
 
-def _milp(c: np.ndarray, G: int, D: int, rows: list[tuple[np.ndarray, float]], allowed: np.ndarray):
+def _total(coeff: np.ndarray, ch: tuple[int, ...]) -> float:
+    return float(sum(coeff[g, d] for g, d in enumerate(ch)))
+
+
+def _milp(c: np.ndarray, rows: list[tuple[np.ndarray, float]], allowed: np.ndarray) -> tuple[int, ...] | None:
+    """One MILP: minimise ``sum c x`` with one choice per group and ``sum coeff x <= limit`` rows.
+
+    Each coefficient matrix is shifted by its per-group minimum (a constant, since every group picks
+    exactly one); float ones are scaled so HiGHS's absolute tolerances act far below the spread of
+    the choices; the relative MIP gap is 1e-9 (the default 1e-4 is not exact enough).
+    """
     from scipy.optimize import Bounds, LinearConstraint, milp
 
+    G, D = c.shape
     n = G * D
+
+    def shifted(coeff: np.ndarray) -> tuple[np.ndarray, float, float]:
+        m = np.where(allowed, coeff, np.inf).min(axis=1)
+        sh = np.where(allowed, coeff - m[:, None], 0.0)
+        top = float(sh.max())
+        integral = bool(np.all(sh == np.round(sh))) and top < 2**52
+        # Integer rows (bytes) stay as they are: HiGHS then meets them exactly. Float rows are scaled
+        # so their largest spread is 1e6 and the absolute tolerances (1e-7, 1e-6) become ~1e-13.
+        return sh, float(m.sum()), 1.0 if integral or top == 0 else top / 1e6
+
     A_eq = np.zeros((G, n))
     for g in range(G):
         A_eq[g, g * D : (g + 1) * D] = 1.0
     cons = [LinearConstraint(A_eq, 1.0, 1.0)]
     for coeff, limit in rows:
-        cons.append(LinearConstraint(coeff.reshape(1, n), -np.inf, limit))
-    ub = allowed.reshape(n).astype(float)
-    res = milp(c=c.reshape(n), constraints=cons, integrality=np.ones(n), bounds=Bounds(np.zeros(n), ub))
+        sh, const, scale = shifted(np.asarray(coeff, dtype=float))
+        if limit - const < -1e-12 * max(1.0, abs(const)):
+            return None  # even the per-group minima exceed this limit
+        cons.append(LinearConstraint(sh.reshape(1, n) / scale, -np.inf, max(limit - const, 0.0) / scale))
+    sh, _, scale = shifted(np.asarray(c, dtype=float))
+    res = milp(
+        c=sh.reshape(n) / scale, constraints=cons, integrality=np.ones(n),
+        bounds=Bounds(np.zeros(n), allowed.reshape(n).astype(float)), options={"mip_rel_gap": 1e-9},
+    )
     if res.status != 0 or res.x is None:
         return None
-    x = np.round(res.x).reshape(G, D)
-    return tuple(int(i) for i in x.argmax(axis=1))
+    return tuple(int(i) for i in np.round(res.x).reshape(G, D).argmax(axis=1))
+
+
+def _lexicographic(
+    primary: np.ndarray, secondary: np.ndarray, rows: list[tuple[np.ndarray, float]], allowed: np.ndarray
+) -> tuple[int, ...] | None:
+    """Least ``primary``, ties broken by least ``secondary``, every row met in exact arithmetic.
+
+    Two MILPs (the second minimises ``secondary`` with ``primary`` held at its optimum), then an
+    exact polish: single-group changes that keep every row and improve (primary, secondary), until
+    none does. The polish removes the last differences below the solver's tolerances.
+    """
+    G, D = primary.shape
+    eps = 1e-12 * (float(np.abs(primary).max()) or 1.0)
+    eps2 = 1e-12 * (float(np.abs(secondary).max()) or 1.0)
+
+    def feasible(ch: tuple[int, ...]) -> bool:
+        return all(allowed[g, d] for g, d in enumerate(ch)) and all(_total(cf, ch) <= lim for cf, lim in rows)
+
+    def better(a: tuple[int, ...], b: tuple[int, ...]) -> bool:
+        pa, pb = _total(primary, a), _total(primary, b)
+        if pa < pb - eps:
+            return True
+        return abs(pa - pb) <= eps and _total(secondary, a) < _total(secondary, b) - eps2
+
+    work = list(rows)
+    for _ in range(5):
+        ch = _milp(primary, work, allowed)
+        if ch is None:
+            return None
+        span = float(np.abs(primary).max()) or 1.0
+        ch2 = _milp(secondary, work + [(primary, _total(primary, ch) + 1e-9 * span)], allowed)
+        cands = [x for x in (ch2, ch) if x is not None and feasible(x)]
+        if cands:
+            best = cands[0] if len(cands) == 1 or better(cands[0], cands[1]) else cands[1]
+            improved = True
+            while improved:
+                improved = False
+                for g in range(G):
+                    for d in range(D):
+                        if d == best[g] or not allowed[g, d]:
+                            continue
+                        alt = best[:g] + (d,) + best[g + 1 :]
+                        if feasible(alt) and better(alt, best):
+                            best, improved = alt, True
+            return best
+        # The solver's tolerance let a row slip: tighten the violated rows by the excess and retry.
+        work = [
+            (cf, lim - max(0.0, _total(cf, ch) - lim) - 1e-9 * (float(np.abs(cf).max()) or 1.0)) for cf, lim in work
+        ]
+    return None
 
 
 def solve_mckp(
@@ -98,7 +174,7 @@ def solve_mckp(
         bad = [g for g in range(G) if not allowed[g].any()]
         raise BudgetError(f"groups {bad} have no candidate with a finite sensitivity; keep fp32 among the candidates")
     s_f = np.where(allowed, s, 0.0)
-    big = np.where(allowed, b, np.iinfo(np.int64).max // (4 * G))
+    big = np.where(allowed, b, 0)  # forbidden choices are fixed to 0 by their bounds
     extra = dict(extra or {})
     rows_extra = []
     for name, (cost, limit) in extra.items():
@@ -115,9 +191,8 @@ def solve_mckp(
             extra={k: float(sum(np.asarray(c, float)[g, d] for g, d in enumerate(ch))) for k, (c, _) in extra.items()},
         )
 
-    min_bytes = int(rest_bytes + big.min(axis=1).sum())
+    min_bytes = int(rest_bytes + np.where(allowed, b, np.iinfo(np.int64).max).min(axis=1).sum())
     min_sens = float(np.where(allowed, s_f, np.inf).min(axis=1).sum())
-    scale_b = max(1.0, float(b.max()))
     if max_bytes is not None:
         if int(max_bytes) < min_bytes:
             raise BudgetError(
@@ -125,20 +200,11 @@ def solve_mckp(
                 f"and candidates is {min_bytes} bytes ({min_bytes / 1e6:.2f} MB); raise the budget or add "
                 "smaller candidates (int8/int4) or more groups"
             )
-        cap = float(int(max_bytes) - rest_bytes)
-        for _ in range(5):  # tighten if the solver's tolerance let an exact check fail
-            rows = [(big / scale_b, cap / scale_b)] + rows_extra
-            ch = _milp(s_f, G, D, rows, allowed)
-            if ch is None:
-                raise BudgetError(_extra_msg(extra, f"max_bytes={int(max_bytes)}"))
-            best = totals(ch).sensitivity
-            tol = 1e-9 * max(1.0, abs(best))
-            ch2 = _milp(big / scale_b, G, D, rows + [(s_f, best + tol)], allowed) or ch
-            sol = totals(ch2)
-            if sol.bytes <= max_bytes:
-                return sol
-            cap -= sol.bytes - max_bytes
-        raise BudgetError(f"max_bytes={int(max_bytes)}: the solver could not meet the budget exactly")
+        rows = [(big.astype(float), float(int(max_bytes) - rest_bytes))] + rows_extra
+        ch = _lexicographic(s_f, big.astype(float), rows, allowed)
+        if ch is None:
+            raise BudgetError(_extra_msg(extra, f"max_bytes={int(max_bytes)}"))
+        return totals(ch)
     limit = float(max_sensitivity)  # type: ignore[arg-type]
     if math.isnan(limit) or limit < min_sens - 1e-12 * max(1.0, abs(min_sens)):
         raise BudgetError(
@@ -146,12 +212,10 @@ def solve_mckp(
             f"{min_sens:.6g} (every group at its least sensitive candidate); raise the budget"
         )
     rows = [(s_f, limit + 1e-12 * max(1.0, abs(limit)))] + rows_extra
-    ch = _milp(big / scale_b, G, D, rows, allowed)
+    ch = _lexicographic(big.astype(float), s_f, rows, allowed)
     if ch is None:
         raise BudgetError(_extra_msg(extra, f"max_sensitivity={max_sensitivity!r}"))
-    best_b = totals(ch).bytes - rest_bytes
-    ch2 = _milp(s_f, G, D, rows + [(big / scale_b, (best_b + 0.5) / scale_b)], allowed) or ch
-    return totals(ch2)
+    return totals(ch)
 
 
 def _extra_msg(extra: Mapping, budget: str) -> str:
