@@ -29,7 +29,7 @@ import torch
 from kdq.errors import KdqError, bad_value
 from kdq.export.atomic import atomic_path, save_onnx_atomic, write_text_atomic
 from kdq.export.merge import merge_decoders
-from kdq.export.onnx_export import export_onnx, validate_onnx
+from kdq.export.onnx_export import compare_onnx, export_onnx, validate_onnx
 from musicgen.onnx_parts import DecoderStep, EncodecDecode, TextEncoder, kv_names
 
 PARTS = ("text_encoder", "decoder_model_merged", "encodec_decode")
@@ -208,35 +208,35 @@ def export_bundle(model: str | Path | Any, out: str | Path, *, plan: Any = "fp32
 
         onnx_dir = stage / "onnx"
         merged = merge_decoders(onnx.load(str(graphs["decoder_model"])), onnx.load(str(graphs["decoder_with_past_model"])))
-        files = {
-            "text_encoder": onnx_dir / f"text_encoder{SUFFIX[dtypes['text_encoder']]}.onnx",
-            "decoder_model_merged": onnx_dir / f"decoder_model_merged{SUFFIX[dtypes['decoder_model_merged']]}.onnx",
-            "encodec_decode": onnx_dir / f"encodec_decode{SUFFIX[dtypes['encodec_decode']]}.onnx",
-        }
+        files = {part: onnx_dir / f"{part}{SUFFIX[dtypes[part]]}.onnx" for part in PARTS}
         save_onnx_atomic(merged, files["decoder_model_merged"])
         del merged
         for part in ("text_encoder", "encodec_decode"):
             with atomic_path(files[part]) as tmp:
                 shutil.copyfile(graphs[part], tmp)
         bar.update(1)
-        # parity of the files as shipped
+        # parity of the files as shipped: strict for all-fp32 parts, SNR against fp32 PyTorch otherwise
         report: dict[str, Any] = {"source": source, "plan": plan_report["plan"] if plan_report else "fp32", "parts": {}}
         first, cached = _merged_checks(model_obj)
         names = ["logits", *kv_names(model_obj.decoder.config.num_hidden_layers, "present")]
         checks = {
-            "text_encoder": (TextEncoder(model_obj), [parts["text_encoder"]["check"]], ["last_hidden_state"]),
-            "encodec_decode": (EncodecDecode(model_obj), [parts["encodec_decode"]["check"]], ["audio_values"]),
+            "text_encoder": [(TextEncoder(model_obj), [parts["text_encoder"]["check"]], ["last_hidden_state"], "")],
+            "encodec_decode": [(EncodecDecode(model_obj), [parts["encodec_decode"]["check"]], ["audio_values"], "")],
+            "decoder_model_merged": [(DecoderStep(model_obj, with_past=False), first, names, "first_step"),
+                                     (DecoderStep(model_obj, with_past=True), cached, names, "cached_step")],
         }
         for part, path in files.items():
             entry: dict[str, Any] = {"file": str(path.relative_to(stage)), "dtype": dtypes[part], "bytes": path.stat().st_size}
-            if dtypes[part] == "fp32" and not (plan_report and plan_report["parts"][part]["mixed"]):
-                if part == "decoder_model_merged":
-                    r1 = validate_onnx(path, DecoderStep(model_obj, with_past=False), first, output_names=names, atol=atol)
-                    r2 = validate_onnx(path, DecoderStep(model_obj, with_past=True), cached, output_names=names, atol=atol)
-                    entry["parity"] = {"first_step": r1.to_json(), "cached_step": r2.to_json()}
+            strict = plan_report is None or set(plan_report["parts"][part]["planned_weight_bytes_fp32"]) <= {"fp32"}
+            parity: dict[str, Any] = {}
+            for module, feeds, outs, label in checks[part]:
+                if strict:
+                    res = validate_onnx(path, module, feeds, output_names=outs, atol=atol).to_json()
                 else:
-                    module, feeds, outs = checks[part]
-                    entry["parity"] = validate_onnx(path, module, feeds, output_names=outs, atol=atol).to_json()
+                    res = {"snr_db_and_max_abs_diff": compare_onnx(path, module, feeds, output_names=outs)}
+                parity.update({label: res} if label else res)
+            entry["parity"] = parity
+            entry["parity_kind"] = f"strict atol={atol:g}" if strict else "measured against PyTorch fp32"
             if plan_report:
                 entry.update({k: v for k, v in plan_report["parts"][part].items() if k not in entry})
             report["parts"][part] = entry

@@ -106,6 +106,8 @@ class MusicgenOnnx:
             ``config.json["transformers.js_config"]["dtype"]``.
         ort_format: load ``.ort`` files (ONNX Runtime's mobile format) instead of ``.onnx``.
         io_binding: keep the KV cache in ONNX Runtime values between steps (no numpy copies).
+        low_memory: turn off ONNX Runtime's CPU memory arena and memory-pattern planning, so freed
+            buffers go back to the system (lower peak RSS, as on a phone; slightly slower).
     """
 
     def __init__(
@@ -116,6 +118,7 @@ class MusicgenOnnx:
         dtypes: dict[str, str] | None = None,
         ort_format: bool = False,
         io_binding: bool = True,
+        low_memory: bool = False,
     ):
         import onnxruntime as ort
         from tokenizers import Tokenizer
@@ -134,6 +137,9 @@ class MusicgenOnnx:
         if threads:
             opts.intra_op_num_threads = threads
             opts.inter_op_num_threads = 1
+        if low_memory:
+            opts.enable_cpu_mem_arena = False
+            opts.enable_mem_pattern = False
         self.files: dict[str, Path] = {}
         self.sessions = {}
         for part in PARTS:

@@ -225,3 +225,44 @@ def validate_onnx(
                     output=name, max_diff=worst, atol=atol, rtol=rtol,
                 )
     return report
+
+
+_ORT_NP = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
+           "tensor(int32)": np.int32, "tensor(bool)": np.bool_}
+
+
+def compare_onnx(
+    path: str | os.PathLike,
+    reference: Callable[..., Any],
+    inputs: Sequence[Mapping[str, torch.Tensor]],
+    *,
+    output_names: Sequence[str],
+) -> dict[str, dict[str, float]]:
+    """Measure (not judge) how far a reduced-precision graph is from its fp32 PyTorch reference.
+
+    Float inputs are cast to the graph's input types (fp16 I/O graphs) and outputs back to float64.
+    Returns, per output, the largest absolute difference and the signal-to-noise ratio in dB,
+    ``10 log10(sum ref^2 / sum (out - ref)^2)`` over all input sets (inf when equal). Quantization
+    error is judged by SNR floors per bit-width rather than by an fp32 tolerance.
+    """
+    sess = ort_session(path)
+    types = {i.name: _ORT_NP.get(i.type) for i in sess.get_inputs()}
+    sig: dict[str, float] = {}
+    noise: dict[str, float] = {}
+    worst: dict[str, float] = {}
+    for feed in inputs:
+        with torch.no_grad():
+            ref = [t.detach().cpu().numpy().astype(np.float64) for t in _as_tuple(reference(*feed.values()))]
+        ort_feed = {n: t.detach().cpu().numpy().astype(types[n] or t.detach().cpu().numpy().dtype)
+                    for n, t in feed.items() if n in types}
+        got = sess.run(None, ort_feed)
+        for name, r, g in zip(output_names, ref, got):
+            d = g.astype(np.float64) - r
+            sig[name] = sig.get(name, 0.0) + float((r**2).sum())
+            noise[name] = noise.get(name, 0.0) + float((d**2).sum())
+            worst[name] = max(worst.get(name, 0.0), float(np.abs(d).max()) if d.size else 0.0)
+    out = {}
+    for name in output_names:
+        snr = float("inf") if noise[name] == 0 else 10 * np.log10(max(sig[name], 1e-30) / noise[name])
+        out[name] = {"max_abs_diff": worst[name], "snr_db": round(float(snr), 2)}
+    return out
