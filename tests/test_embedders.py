@@ -18,7 +18,10 @@ from musicgen.embedders import (
     EmbedderUnavailable,
     EncodecEmbedder,
     VGGishEmbedder,
+    VGGishNet,
     train_clap_mini,
+    vggish_examples,
+    vggish_log_mel,
 )
 from musicgen.evaluate import evaluate, main, offline_embedders
 from musicgen.tiny import build_tiny_musicgen, build_word_tokenizer, save_tiny_musicgen
@@ -173,12 +176,48 @@ def test_codec_has_no_text_side(tiny_codec):
 def test_vggish_unavailable_says_how(tmp_path):
     with pytest.raises(EmbedderUnavailable, match="does not exist.*safetensors"):
         VGGishEmbedder.from_local(tmp_path / "vggish.safetensors")
-    import importlib.util
+    (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(EmbedderUnavailable, match="not a readable safetensors"):
+        VGGishEmbedder.from_local(tmp_path / "junk.safetensors")
 
-    if importlib.util.find_spec("torchvggish") is None:
-        (tmp_path / "vggish.safetensors").write_bytes(b"")
-        with pytest.raises(EmbedderUnavailable, match="pip install torchvggish"):
-            VGGishEmbedder.from_local(tmp_path / "vggish.safetensors")
+
+def test_vggish_frontend_frames_and_known_tone():
+    x = sine(1000.0, 2.0)
+    mel = vggish_log_mel(x)
+    assert mel.shape == (1 + (len(x) - 400) // 160, 64)
+    # A 1 kHz tone peaks in the HTK mel band whose centre is nearest 1 kHz.
+    mel_hz = 1127.0 * np.log1p(np.array([125.0, 7500.0]) / 700.0)
+    centres = 700.0 * np.expm1(np.linspace(*mel_hz, 66)[1:-1] / 1127.0)
+    assert int(np.argmax(mel.mean(axis=0))) == int(np.argmin(np.abs(centres - 1000.0)))
+    assert vggish_examples(x).shape == (2, 96, 64)  # 198 frames -> 2 whole 0.96 s patches
+
+
+@pytest.fixture(scope="module")
+def vggish_file(tmp_path_factory) -> Path:
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("vggish") / "vggish.safetensors"
+    save_file({k: v.contiguous() for k, v in VGGishNet().state_dict().items()}, str(path))
+    return path
+
+
+def test_vggish_loads_torchvggish_layout_and_embeds_patches(vggish_file):
+    emb = VGGishEmbedder.from_local(vggish_file)
+    clips = [sine(440, 2.0, 32000), noise(0.5, 32000)]  # resampled to 16 kHz; short clip padded
+    frames = emb.embed_frames(clips, 32000)
+    assert [f.shape for f in frames] == [(2, 128), (1, 128)]
+    assert emb.fad_embeddings(clips, 32000).shape == (3, 128)
+    np.testing.assert_allclose(emb.embed(clips, 32000)[0], frames[0].mean(axis=0), rtol=1e-6)
+    assert_sine_test(emb)
+
+
+def test_vggish_wrong_state_dict_is_named(tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({"fc.weight": torch.zeros(2, 2)}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(EmbedderError, match="torchvggish's names"):
+        VGGishEmbedder.from_local(tmp_path / "other.safetensors")
 
 
 # ------------------------------------------------------------------------------------- clap-mini

@@ -13,9 +13,10 @@ output [N, channels, T] (channels are averaged). What is available:
   or a hub id such as ``laion/clap-htsat-unfused`` or ``laion/larger_clap_music`` where a hub is
   reachable). Audio and text. One row per clip: clips longer than the processor's window (10 s)
   are cut into consecutive windows whose embeddings are averaged.
-- ``VGGishEmbedder``: the embedding of the original FAD (Kilgour et al. 2019). Needs the
-  ``torchvggish`` package and its weights converted once to a local safetensors file (see
-  ``VGGishEmbedder.from_local``); raises ``EmbedderUnavailable`` otherwise.
+- ``VGGishEmbedder``: the embedding of the original FAD (Kilgour et al. 2019): VGGish's network and
+  log-mel frontend written here from the published settings, with weights from a local safetensors
+  file (torchvggish's state dict, converted once where a hub is reachable; ``VGGISH_HOWTO``);
+  ``EmbedderUnavailable`` otherwise.
 - ``EncodecEmbedder``: the continuous encoder output of a model's own EnCodec (before quantization),
   as fadtk's ``encodec`` embedding. Always available offline. FAD uses every frame as a sample
   (the FAD convention for frame-level embedders); ``embed`` averages frames to one row per clip.
@@ -225,60 +226,140 @@ class ClapEmbedder(AudioEmbedder):
 # ------------------------------------------------------------------------------------------- VGGish
 
 VGGISH_HOWTO = (
-    "VGGish needs (1) the torchvggish package: pip install torchvggish (it also pulls resampy), and "
-    "(2) its weights as a local safetensors file, converted once on a machine that can download them: "
-    "`sd = torch.hub.load_state_dict_from_url('https://github.com/harritaylor/torchvggish/releases/"
-    "download/v0.1/vggish-10086976.pth'); safetensors.torch.save_file(sd, 'vggish.safetensors')`; "
-    "then VGGishEmbedder.from_local('vggish.safetensors'). Without them, FAD is reported with the other "
-    "embedders only (docs/metrics.md)"
+    "VGGish weights are not bundled (they come from a model hub). Convert them once on a machine that "
+    "can download them: `sd = torch.hub.load_state_dict_from_url('https://github.com/harritaylor/"
+    "torchvggish/releases/download/v0.1/vggish-10086976.pth', weights_only=True); "
+    "safetensors.torch.save_file(sd, 'vggish.safetensors')`, copy the file here and pass it to "
+    "VGGishEmbedder.from_local. Without it, FAD is reported with the other embedders only "
+    "(docs/metrics.md)"
 )
+
+# VGGish's published input settings (Hershey et al. 2017, the AudioSet release).
+VGGISH_RATE = 16000
+VGGISH_WINDOW = 400  # 25 ms
+VGGISH_HOP = 160  # 10 ms
+VGGISH_FFT = 512
+VGGISH_MELS = 64
+VGGISH_FMIN, VGGISH_FMAX = 125.0, 7500.0
+VGGISH_LOG_OFFSET = 0.01
+VGGISH_PATCH = 96  # frames per example: 0.96 s, no overlap
+
+
+def vggish_log_mel(audio: np.ndarray) -> np.ndarray:
+    """VGGish's input: log mel magnitudes [frames, 64] of 16 kHz audio.
+
+    Periodic Hann window of 25 ms, hop 10 ms, 512-point FFT magnitude (no centre padding, only whole
+    frames), 64 HTK mel bands from 125 to 7500 Hz with triangles linear in mel and the DC bin
+    excluded, then ``log(mel + 0.01)``.
+    """
+    from transformers.audio_utils import mel_filter_bank
+
+    audio = np.asarray(audio, dtype=np.float64)
+    if len(audio) < VGGISH_WINDOW:
+        return np.zeros((0, VGGISH_MELS))
+    n = 1 + (len(audio) - VGGISH_WINDOW) // VGGISH_HOP
+    frames = np.lib.stride_tricks.sliding_window_view(audio, VGGISH_WINDOW)[::VGGISH_HOP][:n]
+    window = 0.5 - 0.5 * np.cos(2 * np.pi * np.arange(VGGISH_WINDOW) / VGGISH_WINDOW)
+    mag = np.abs(np.fft.rfft(frames * window, VGGISH_FFT))
+    fb = mel_filter_bank(
+        num_frequency_bins=VGGISH_FFT // 2 + 1, num_mel_filters=VGGISH_MELS, min_frequency=VGGISH_FMIN,
+        max_frequency=VGGISH_FMAX, sampling_rate=VGGISH_RATE, mel_scale="htk", triangularize_in_mel_space=True,
+    )
+    fb[0, :] = 0.0
+    return np.log(mag @ fb + VGGISH_LOG_OFFSET)
+
+
+def vggish_examples(audio: np.ndarray) -> np.ndarray:
+    """Non-overlapping 0.96 s patches of ``vggish_log_mel``: [examples, 96, 64] (a partial last patch is dropped)."""
+    mel = vggish_log_mel(audio)
+    k = len(mel) // VGGISH_PATCH
+    return mel[: k * VGGISH_PATCH].reshape(k, VGGISH_PATCH, VGGISH_MELS)
+
+
+class VGGishNet(nn.Module):
+    """The VGGish network (VGG-style: 4 conv blocks, 3 fully connected layers, 128-D output).
+
+    Parameter names follow the torchvggish port (``features.N``, ``embeddings.N``), so its converted
+    state dict loads as is. The last layer keeps torchvggish's ReLU (as fadtk's VGGish FAD uses it).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        c_in = 1
+        for v in (64, "M", 128, "M", 256, 256, "M", 512, 512, "M"):
+            if v == "M":
+                layers.append(nn.MaxPool2d(2, 2))
+            else:
+                layers += [nn.Conv2d(c_in, int(v), 3, padding=1), nn.ReLU(inplace=True)]
+                c_in = int(v)
+        self.features = nn.Sequential(*layers)
+        self.embeddings = nn.Sequential(
+            nn.Linear(512 * 4 * 6, 4096), nn.ReLU(True), nn.Linear(4096, 4096), nn.ReLU(True),
+            nn.Linear(4096, 128), nn.ReLU(True),
+        )
+
+    def forward(self, examples: torch.Tensor) -> torch.Tensor:
+        """[B, 1, 96, 64] log-mel patches -> [B, 128]."""
+        h = self.features(examples)  # [B, 512, 6, 4]
+        # Flatten channels-last, as the TensorFlow original does.
+        return self.embeddings(h.permute(0, 2, 3, 1).reshape(h.shape[0], -1))
 
 
 class VGGishEmbedder(AudioEmbedder):
-    """VGGish (Hershey et al. 2017), the original FAD embedding: 128-D per 0.96 s frame at 16 kHz.
+    """VGGish (Hershey et al. 2017), the original FAD embedding: 128-D per 0.96 s patch at 16 kHz.
 
-    Uses torchvggish's architecture and log-mel frontend, and the raw 128-D embedding layer (no
-    AudioSet PCA/8-bit postprocessing). FAD uses every frame as a sample; ``embed`` averages frames.
+    Uses the raw 128-D embedding layer (no AudioSet PCA/8-bit postprocessing). FAD uses every patch
+    as a sample; ``embed`` averages a clip's patches. Clips shorter than 0.96 s are zero-padded to
+    one patch.
     """
 
     name = "vggish"
-    sample_rate = 16000
+    sample_rate = VGGISH_RATE
 
-    def __init__(self, model: nn.Module, frontend: Any) -> None:
+    def __init__(self, model: VGGishNet, *, batch_size: int = 64) -> None:
         self.model = model.eval()
-        self.frontend = frontend
+        self.batch_size = batch_size
 
     @classmethod
     def from_local(cls, weights: str | Path) -> VGGishEmbedder:
-        """Load torchvggish's ``VGG`` with weights from a local safetensors file (see ``VGGISH_HOWTO``)."""
+        """Load VGGish from a local safetensors file (torchvggish's state dict; see ``VGGISH_HOWTO``)."""
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
         path = Path(weights)
         if not path.is_file():
             raise EmbedderUnavailable(f"weights={str(path)!r} does not exist. {VGGISH_HOWTO}")
+        model = VGGishNet()
         try:
-            from torchvggish import torchvggish as tv
-            from torchvggish import vggish_input
-        except ImportError as e:
-            raise EmbedderUnavailable(f"the torchvggish package is not installed. {VGGISH_HOWTO}") from e
-        from safetensors.torch import load_file
-
-        model = tv.VGG(tv.make_layers(), postprocess=False)
-        model.load_state_dict(load_file(str(path)))
-        return cls(model, vggish_input.waveform_to_examples)
+            state = load_file(str(path))
+        except (SafetensorError, OSError) as e:
+            raise EmbedderUnavailable(f"weights={str(path)!r} is not a readable safetensors file ({e}). {VGGISH_HOWTO}") from e
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise bad_value(
+                EmbedderError, "weights", str(path),
+                f"a VGGish state dict with torchvggish's names; missing {sorted(missing)[:4]}, "
+                f"unexpected {sorted(unexpected)[:4]}", "convert the torchvggish checkpoint as VGGISH_HOWTO says",
+            )
+        return cls(model)
 
     @torch.no_grad()
     def embed_frames(self, audio_batch: AudioBatch, sample_rate: int) -> list[np.ndarray]:
-        """Per-clip frame embeddings, each [frames, 128]."""
+        """Per-clip patch embeddings, each [patches, 128]."""
         out = []
         for c in self._prepare(audio_batch, sample_rate):
-            examples = self.frontend(c, self.sample_rate, return_tensor=True)
-            out.append(self.model(examples.float()).cpu().numpy().reshape(-1, 128))
+            if len(c) < VGGISH_PATCH * VGGISH_HOP + VGGISH_WINDOW - VGGISH_HOP:
+                c = np.pad(c, (0, VGGISH_PATCH * VGGISH_HOP + VGGISH_WINDOW - VGGISH_HOP - len(c)))
+            ex = torch.from_numpy(vggish_examples(c)).float()[:, None]
+            out.append(torch.cat([self.model(ex[s : s + self.batch_size]) for s in range(0, len(ex), self.batch_size)]).numpy())
         return out
 
     def _embed_clips(self, clips: list[np.ndarray]) -> np.ndarray:
         return np.stack([f.mean(axis=0) for f in self.embed_frames(clips, self.sample_rate)])
 
     def fad_embeddings(self, audio_batch: AudioBatch, sample_rate: int) -> np.ndarray:
-        """All frames of all clips, [sum of frames, 128]."""
+        """All patches of all clips, [sum of patches, 128]."""
         return np.concatenate(self.embed_frames(audio_batch, sample_rate))
 
 
@@ -504,6 +585,8 @@ def train_clap_mini(
     steps: int = 800,
     batch_size: int = 32,
     lr: float = 2e-3,
+    weight_decay: float = 0.0,
+    spec_augment: bool = False,
     seed: int = 0,
     max_seconds: float | None = None,
     config: ClapMiniConfig | None = None,
@@ -523,7 +606,10 @@ def train_clap_mini(
         eval_split: held-out split for retrieval recall (None to skip).
         steps: optimiser steps (training stops earlier at ``max_seconds``).
         batch_size: clips per step.
-        lr: Adam learning rate (cosine decay).
+        lr: AdamW learning rate (cosine decay).
+        weight_decay: AdamW weight decay.
+        spec_augment: mask a random band of up to 8 mel bins and a random span of up to 10% of the
+            frames in each training crop.
         seed: torch and numpy seed.
         max_seconds: wall-clock cap on training.
         config: model sizes; its vocabulary is replaced by the training captions' words.
@@ -535,20 +621,20 @@ def train_clap_mini(
     if num_threads is not None:
         torch.set_num_threads(num_threads)
     try:
-        return _train_clap_mini(root, out_dir, train_split, eval_split, steps, batch_size, lr, seed, max_seconds,
-                                config, progress)
+        settings = {"steps": steps, "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay,
+                    "spec_augment": spec_augment, "seed": seed, "split": train_split}
+        return _train_clap_mini(root, out_dir, eval_split, settings, max_seconds, config, progress)
     finally:
         torch.set_num_threads(previous)
 
 
-def _train_clap_mini(root, out_dir, train_split, eval_split, steps, batch_size, lr, seed, max_seconds, config,
-                     progress) -> ClapMiniEmbedder:
+def _train_clap_mini(root, out_dir, eval_split, settings, max_seconds, config, progress) -> ClapMiniEmbedder:
     from tqdm import tqdm
 
+    train_split, steps, batch_size, seed = settings["split"], settings["steps"], settings["batch_size"], settings["seed"]
     clips = read_split(root, train_split)
     base = config or ClapMiniConfig()
-    settings = {"steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed, "split": train_split,
-                "config": {k: v for k, v in asdict(base).items() if k != "vocab"}}
+    settings = {**settings, "config": {k: v for k, v in asdict(base).items() if k != "vocab"}}
     fp = _fingerprint(clips, settings)
     if out_dir is not None and (Path(out_dir) / "config.json").is_file():
         cached = ClapMiniEmbedder.load(out_dir)
@@ -566,7 +652,7 @@ def _train_clap_mini(root, out_dir, train_split, eval_split, steps, batch_size, 
     caption_id = {t: i for i, t in enumerate(sorted(set(captions)))}
     labels = torch.tensor([caption_id[t] for t in captions])
     crop = max(8, int(cfg.crop_s * cfg.sample_rate / cfg.hop_length))
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    opt = torch.optim.AdamW(model.parameters(), lr=settings["lr"], weight_decay=settings["weight_decay"])
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
     model.train()
     start, losses = time.perf_counter(), []
@@ -574,6 +660,8 @@ def _train_clap_mini(root, out_dir, train_split, eval_split, steps, batch_size, 
     for step in bar:
         idx = rng.choice(len(clips), size=min(batch_size, len(clips)), replace=False)
         batch = torch.stack([_crop(mels[i], crop, rng) for i in idx])
+        if settings["spec_augment"]:
+            batch = _spec_augment(batch, rng)
         a = model.embed_mel(batch)
         t = model.embed_tokens(ids[idx])
         same = (labels[idx][:, None] == labels[idx][None, :]).float()
@@ -608,6 +696,19 @@ def _train_clap_mini(root, out_dir, train_split, eval_split, steps, batch_size, 
 
 def _padded(x: np.ndarray, n: int) -> np.ndarray:
     return np.pad(x, (0, n - len(x))) if len(x) < n else x
+
+
+def _spec_augment(batch: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+    batch = batch.clone()
+    n_mels, frames = batch.shape[1], batch.shape[2]
+    for row in batch:
+        f = int(rng.integers(0, 9))
+        f0 = int(rng.integers(0, n_mels - f + 1))
+        row[f0 : f0 + f] = 0.0
+        t = int(rng.integers(0, frames // 10 + 1))
+        t0 = int(rng.integers(0, frames - t + 1))
+        row[:, t0 : t0 + t] = 0.0
+    return batch
 
 
 def _crop(mel: torch.Tensor, frames: int, rng: np.random.Generator) -> torch.Tensor:

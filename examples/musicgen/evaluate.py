@@ -157,12 +157,16 @@ def load_clips(root: str | Path, split: str, sample_rate: int) -> tuple[list[np.
 
 
 def format_table(results: dict[str, dict]) -> str:
-    """Markdown table: one row per result set, one column per score key."""
+    """Markdown table: one row per result set, one column per score key (FAD with its interval)."""
     keys = sorted({k for r in results.values() for k, v in r.items()
-                   if k.startswith(("fad_", "clap_score_", "retention_")) and isinstance(v, float)})
+                   if k.startswith(("fad_", "clap_score_", "retention_")) and (v is None or isinstance(v, float))})
     lines = ["| set | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
     for name, r in results.items():
-        lines.append(f"| {name} | " + " | ".join(f"{r[k]:.4g}" if k in r else "" for k in keys) + " |")
+        cells = []
+        for k in keys:
+            v, ci = r.get(k), r.get(f"ci_{k}")
+            cells.append("" if v is None else f"{v:.4g}" + (f" [{ci[0]:.3g}, {ci[1]:.3g}]" if ci else ""))
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
