@@ -302,9 +302,26 @@ def _ort(results: dict) -> str:
     if not ort or (ort.get("skipped") and len(ort) == 1):
         why = ort.get("skipped", "no ONNX Runtime results")
         return f'<section id="ort"><h2>ONNX Runtime and the device run</h2><p class="skip">skipped: {html.escape(str(why))}</p></section>'
-    rows = [[html.escape(k), _fmt(v) if not isinstance(v, (dict, list)) else f"<code>{html.escape(json.dumps(v))}</code>"]
-            for k, v in ort.items()]
-    return '<section id="ort"><h2>ONNX Runtime and the device run</h2>' + _table(["figure", "value"], rows) + "</section>"
+    scalars = [[html.escape(k), _fmt(v)] for k, v in ort.items() if not isinstance(v, (dict, list))]
+    parts = ['<section id="ort"><h2>ONNX Runtime and the device run</h2>', _table(["figure", "value"], scalars)]
+    runs = ort.get("device_runs") or {}
+    if runs:
+        rows = []
+        for label, r in runs.items():
+            if r.get("skipped"):
+                rows.append([html.escape(label), f'<span class="skip">skipped: {html.escape(str(r["skipped"]))}</span>',
+                             "", "", "", "", "", ""])
+                continue
+            bb = r.get("bundle_bytes")
+            total = sum(bb.values()) if isinstance(bb, dict) else bb
+            rows.append([html.escape(label), html.escape(str(r.get("format", "onnx"))), _mb(total), _fmt(r.get("rtf")),
+                         _fmt(r.get("tokens_per_s"), 1), _fmt(r.get("ms_per_cached_step"), 2),
+                         _mb(r.get("peak_rss_bytes")), f"<code>{html.escape(str(r.get('command', '')))}</code>"])
+        parts.append("<h3>Device run (fresh process per bundle)</h3>"
+                     + _table(["bundle", "format", "bytes", "RTF", "tokens/s", "ms per cached step", "peak RSS",
+                               "command"], rows))
+    parts.append("</section>")
+    return "".join(parts)
 
 
 def _stages(results: dict) -> str:

@@ -29,6 +29,7 @@ import math
 import os
 import platform
 import shlex
+import subprocess
 import sys
 import tempfile
 import time
@@ -85,7 +86,7 @@ def _preset(name: str) -> dict:
         "distill": {"steps": 300, "micro_batch": 8, "grad_accum": 1, "warmup_steps": 30, "lr": 1e-3,
                     "checkpoint_every": 50, "bf16": "auto"},
         "plan": {"granularity": "layer", "candidates": ["fp32", "fp16", "bf16", "int8"], "calibration_clips": 8},
-        "export": {"enabled": True, "device_seconds": 4.0, "threads": 2},
+        "export": {"enabled": True, "device_seconds": 4.0, "threads": 2, "ort_format": True},
         "evaluate": {"prompts": 24, "seconds": 4.0, "guidance_scale": 3.0, "top_k": 250, "clap_mini_steps": 600,
                      "max_eval_clips": 200},
     }
@@ -96,7 +97,7 @@ def _preset(name: str) -> dict:
         "distill": {"steps": 5000, "micro_batch": 4, "grad_accum": 8, "warmup_steps": 250, "lr": 1e-5,
                     "checkpoint_every": 250, "bf16": "auto"},
         "plan": {"granularity": "layer", "candidates": ["fp32", "fp16", "bf16", "int8"], "calibration_clips": 16},
-        "export": {"enabled": True, "device_seconds": 10.0, "threads": 2},
+        "export": {"enabled": True, "device_seconds": 10.0, "threads": 2, "ort_format": True},
         "evaluate": {"prompts": 64, "seconds": 10.0, "guidance_scale": 3.0, "top_k": 250, "clap_mini_steps": 0,
                      "max_eval_clips": 500},
     }
@@ -489,24 +490,27 @@ def stage_export(cfg: dict, variants: dict, tokens: dict, out: Path, progress: b
     parity = float(np.abs(torch_audio[..., :n] - ort_audio[..., :n]).max())
     graph_parity = _max_abs(bundles["fp32"].get("parts", {}))
     graph_parity = graph_parity if math.isfinite(graph_parity) else None
-    # the device run: each bundle with a small thread count, sampled, timed
+    # the device run: each bundle in a fresh process (so peak RSS is the run's own), few threads, sampled
     runs = {}
+    script = Path(__file__).resolve().with_name("device_run.py")
     for label, b in bundles.items():
         if b.get("skipped"):
             continue
-        try:
-            p = rt.MusicgenOnnx(b["path"], threads=cfg["threads"])
-            timings = rt.Timings()
-            t0 = time.perf_counter()
-            audio = p.generate([prompt], max_new_tokens=frames + 3, guidance_scale=3.0, do_sample=True, top_k=250,
-                               seed=0, timings=timings)
-            gen = time.perf_counter() - t0
-            seconds = audio.shape[-1] / p.sampling_rate
-            rt.write_wav(out / "bundles" / f"{label}_device.wav", audio[0], p.sampling_rate)
-            runs[label] = {"generate_s": round(gen, 3), "audio_s": round(seconds, 3), "rtf": gen / seconds,
-                           "stages_s": {k: round(v, 4) for k, v in timings.stages.items()}, "bundle_bytes": b["bytes"]}
-        except Exception as e:
-            runs[label] = {"skipped": f"{type(e).__name__}: {str(e)[:300]}"}
+        if not script.exists():
+            runs[label] = {"skipped": "the device run (musicgen/device_run.py) is not available"}
+            continue
+        cmd = [sys.executable, str(script), "--bundle", b["path"], "--prompt", prompt, "--seconds",
+               str(cfg["device_seconds"]), "--out", str(out / "bundles" / f"{label}_device.wav"),
+               "--threads", str(cfg["threads"]), *(["--ort-format"] if cfg.get("ort_format") else [])]
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(script.parents[2]), str(script.parents[1]),
+                                                            os.environ.get("PYTHONPATH", "")]))
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=3600)
+        lines = [ln for ln in proc.stdout.splitlines() if ln.strip()]
+        if proc.returncode != 0 or not lines:
+            runs[label] = {"skipped": f"device_run failed (exit {proc.returncode}): {proc.stderr[-300:]}"}
+            continue
+        runs[label] = json.loads(lines[-1])
+        runs[label]["command"] = " ".join(shlex.quote(c) for c in cmd[1:])
     fp32_run = runs.get("fp32", {})
     return {"bundles": bundles, "device_runs": runs, "parity_max_abs": parity, "graph_parity_max_abs": graph_parity,
             "rtf": fp32_run.get("rtf"), "threads": cfg["threads"], "prompt": prompt}
@@ -579,6 +583,7 @@ def stage_evaluate(cfg: dict, variants: dict, tokens: dict, data: dict, out: Pat
     frames = max(int(cfg["seconds"] * 50), 8)
     results: dict[str, dict] = {}
     generated: dict[str, list[np.ndarray]] = {}
+    ref_cache: dict[str, np.ndarray] = {}
     for name in tqdm(VARIANT_NAMES, desc="evaluate", disable=not progress):
         spec = variants[name]
         if isinstance(spec, dict):
@@ -595,7 +600,7 @@ def stage_evaluate(cfg: dict, variants: dict, tokens: dict, data: dict, out: Pat
             audio.append(wav[0, 0].float().numpy())
         generated[name] = audio
         row["samples"] = _save_samples(out, name, audio, sr)
-        row.update(_scores(embedders, audio, prompts, reference, sr))
+        row.update(_scores(embedders, audio, prompts, reference, sr, ref_cache))
         results[name] = row
         del model
     headline = _headline(results)
@@ -621,16 +626,23 @@ def _embedders(cfg: dict, variants: dict, data: dict, out: Path, progress: bool)
     return ready, missing
 
 
-def _scores(embedders, audio, prompts, reference, sr) -> dict:
+def _scores(embedders, audio, prompts, reference, sr, ref_cache: dict) -> dict:
+    """FAD (against the test clips) and CLAP score per embedder; reference embeddings computed once."""
     import musicgen.evaluate as ev
+    from kdq.metrics import frechet_distance
 
     row: dict[str, Any] = {}
     for e in embedders:
+        key = f"fad_{e.key}"
         try:
-            row.update(ev.fad_with(e, audio, reference, sample_rate=sr))
+            if e.key not in ref_cache:
+                ref_cache[e.key] = e.fad_embeddings(reference, sr)
+            gen = e.fad_embeddings(audio, sr)
+            row[key] = frechet_distance(gen, ref_cache[e.key])
+            row[f"rows_{key}"] = [len(gen), len(ref_cache[e.key])]
         except Exception as err:
-            row[f"fad_{e.key}"] = None
-            row[f"error_fad_{e.key}"] = f"{type(err).__name__}: {str(err)[:200]}"
+            row[key] = None
+            row[f"error_{key}"] = f"{type(err).__name__}: {str(err)[:200]}"
         if e.has_text:
             row.update(ev.clap_score_with(e, prompts, audio, sample_rate=sr))
     fad_keys = [k for k in ("fad_clap", "fad_vggish", "fad_clap-mini-proxy", "fad_encodec") if row.get(k) is not None]
