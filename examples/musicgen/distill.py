@@ -204,6 +204,9 @@ class CodesDataset:
 def delay_pattern(codes: torch.Tensor, *, bos_token_id: int, pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Lay codes out with MusicGen's delay pattern for teacher-forced training.
 
+    The mini world's ``musicgen.lm.delayed_batch`` does the layout (one implementation for LM
+    pretraining and distillation); this wraps it in the ``[B, K, S]`` shapes the trainer uses.
+
     Args:
         codes: ``[B, K, T]`` codec codes.
         bos_token_id: the decoder start token (MusicGen: 2048).
@@ -214,15 +217,24 @@ def delay_pattern(codes: torch.Tensor, *, bos_token_id: int, pad_token_id: int) 
         and padding elsewhere; ``inputs`` is ``labels`` shifted right by one with BOS in front;
         ``mask`` is True where the label is a real code (the positions that count).
     """
+    from musicgen.lm import delayed_batch
+
     b, k, t = codes.shape
-    length = t + k - 1
-    labels = torch.full((b, k, length), pad_token_id, dtype=torch.long, device=codes.device)
-    mask = torch.zeros((b, k, length), dtype=torch.bool, device=codes.device)
-    for cb in range(k):
-        labels[:, cb, cb : cb + t] = codes[:, cb]
-        mask[:, cb, cb : cb + t] = True
-    inputs = torch.cat([torch.full((b, k, 1), bos_token_id, dtype=torch.long, device=codes.device), labels[:, :, :-1]], dim=-1)
-    return inputs, labels, mask
+    dec_in, labels, mask = delayed_batch(codes, pad_id=pad_token_id)
+    inputs = dec_in.reshape(b, k, t + k - 1).clone()
+    inputs[..., 0] = bos_token_id
+    return inputs, labels.masked_fill(~mask, pad_token_id), mask.contiguous()
+
+
+def load_codes(path: str | Path) -> CodesDataset:
+    """A ``CodesDataset`` folder, or a mini-world token file (``musicgen.lm.TokenDataset``, ``.safetensors``)."""
+    path = Path(path)
+    if path.is_file():
+        from musicgen.lm import TokenDataset
+
+        ds = TokenDataset.load(path)
+        return CodesDataset(ds.codes, list(ds.captions))
+    return CodesDataset.load(path)
 
 
 def example_indices(step: int, *, global_batch: int, n: int, seed: int) -> list[int]:
@@ -682,7 +694,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--student", required=True, help="student model folder (or hub id)")
     p.add_argument("--teacher", help="teacher model folder (or hub id); required for --mode kd")
     p.add_argument("--tokenizer", help="tokenizer folder (default: the student's)")
-    p.add_argument("--data", required=True, help="folder with codes.safetensors and texts.json (CodesDataset)")
+    p.add_argument("--data", required=True, help="CodesDataset folder (codes.safetensors + texts.json) or a mini-world "
+                   "token file (musicgen.lm.TokenDataset .safetensors)")
     p.add_argument("--out", required=True, help="output folder (resumes from its checkpoints)")
     p.add_argument("--config", help="JSON file with DistillConfig fields; flags below override it")
     for f in fields(DistillConfig):
@@ -723,7 +736,7 @@ def main(argv: list[str] | None = None) -> dict:
         student = load_musicgen(args.student)
         teacher = load_musicgen(args.teacher) if config.mode == "kd" else None
         tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.student)
-        summary = distill(student, teacher, CodesDataset.load(args.data), tokenizer, config, args.out,
+        summary = distill(student, teacher, load_codes(args.data), tokenizer, config, args.out,
                           device=device, progress=not args.no_progress, throttle=args.throttle)
     finally:
         if world > 1:

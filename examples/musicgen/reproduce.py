@@ -87,7 +87,7 @@ def _preset(name: str) -> dict:
                     "checkpoint_every": 50, "bf16": "auto"},
         "plan": {"granularity": "layer", "candidates": ["fp32", "fp16", "bf16", "int8"], "calibration_clips": 8},
         "export": {"enabled": True, "device_seconds": 4.0, "threads": 2, "ort_format": True},
-        "evaluate": {"prompts": 24, "seconds": 4.0, "guidance_scale": 3.0, "top_k": 250, "clap_mini_steps": 600,
+        "evaluate": {"prompts": 12, "seconds": 4.0, "guidance_scale": 3.0, "top_k": 250, "clap_mini_steps": 400,
                      "max_eval_clips": 200},
     }
     paper = {
@@ -203,9 +203,14 @@ def _optional(module: str, what: str):
 # -------------------------------------------------------------------------------------------- data
 
 
-def stage_data(cfg: dict, out: Path, preset: str, progress: bool = True) -> dict:
-    """Render the mini world's music (smoke/mini) or check the user's audiofolder dataset (paper)."""
+def stage_data(cfg: dict, out: Path, preset: str, world: dict, progress: bool = True) -> dict:
+    """The audiofolder dataset: the mini world's rendered music, the user's (paper), or a fresh render."""
     from musicgen.audiofolder import read_split
+
+    if world.get("data_root"):
+        root = world["data_root"]
+        counts = {s: len(read_split(root, s)) for s in ("train", "valid", "test")}
+        return {"root": root, "counts": counts, "source": "the mini world's music21 renders"}
 
     if preset == "paper":
         root = cfg.get("dataset")
@@ -231,22 +236,28 @@ def _jsonable(obj: Any) -> Any:
 # ------------------------------------------------------------------------------------------- world
 
 
-def stage_world(cfg: dict, out: Path, preset: str, seed: int) -> dict:
-    """Teacher and student_base model folders (``from_pretrained``), sharing tokenizer and codec.
+def stage_world(cfg: dict, out: Path, preset: str, seed: int, progress: bool) -> dict:
+    """Teacher and student_base model folders (``from_pretrained``), sharing tokenizer, text encoder and codec.
 
-    Uses the mini world's trained models when ``musicgen.world`` provides them; otherwise tiny random
-    MusicGens stand in (recorded as ``"stand_in"``: every quality figure is then meaningless).
+    smoke/mini: the mini world (``musicgen.world.run_world``: rendered music, trained codec, text
+    encoder, tokens, teacher and student trained with cross-entropy; its own stage cache). Where that
+    code is missing, tiny random MusicGens stand in and the results say so (``"stand_in"``).
+    paper: hub ids or local folders (default facebook/musicgen-large and facebook/musicgen-small).
     """
     if preset == "paper":
         return {"teacher": cfg["teacher_id"], "student_base": cfg["student_id"], "stand_in": None}
     try:
-        world = _optional("musicgen.world", "the mini world's teacher/student training (musicgen.world)")
-        build = getattr(world, "build_world", None)
-        if build is None:
-            raise Skip("musicgen.world has no build_world(); see docs/reproduction.md")
-        res = build(out / "world", preset=preset, seed=seed)
-        return {"teacher": str(res["teacher"]), "student_base": str(res["student"]), "stand_in": None,
-                **{k: v for k, v in res.items() if k not in ("teacher", "student")}}
+        world = _optional("musicgen.world", "the mini world (musicgen.world)")
+        folder = out / "world"
+        summary = world.run_world(cfg.get("world_preset", preset), folder, progress=progress)
+        paths = world.world_paths(folder)
+        brief = {st: {k: v for k, v in f.items() if k not in ("curve", "samples")}
+                 for st, f in summary.get("stages", {}).items()}
+        return {"teacher": str(paths["teacher"]), "student_base": str(paths["student"]), "stand_in": None,
+                "data_root": str(paths["data"]),
+                "tokens": {s: str(paths[f"tokens_{s}"]) for s in ("train", "valid", "test")},
+                "world_stages": brief, "world_wall_s": summary.get("total_wall_seconds"),
+                "curves": {n: summary.get("stages", {}).get(n, {}).get("curve") for n in ("teacher", "student")}}
     except Skip as why:
         from musicgen.tiny import save_tiny_musicgen
 
@@ -299,16 +310,23 @@ def _tokenizer(path: str | Path):
 
 
 @torch.no_grad()
-def stage_tokens(data_root: str, model_dir: str, out: Path, *, clip_seconds: float, max_clips: int) -> dict:
-    """Encode every split's clips with the (shared) codec into ``CodesDataset`` folders."""
+def stage_tokens(data_root: str, model_dir: str, out: Path, *, clip_seconds: float, max_clips: int,
+                 world: dict | None = None) -> dict:
+    """Codec codes of every split: the mini world's token files, or encoded here with the shared codec."""
     from musicgen.audiofolder import load_audio, read_split
-    from musicgen.distill import CodesDataset
+    from musicgen.distill import CodesDataset, load_codes
+
+    if world and world.get("tokens"):
+        paths = world["tokens"]
+        counts = {s: len(load_codes(p)) for s, p in paths.items()}
+        return {"paths": paths, "counts": counts, "frames": int(load_codes(paths["train"]).codes.shape[-1]),
+                "source": "musicgen.world tokens"}
 
     model = _load(model_dir)
     codec = model.audio_encoder
     sr = model.config.audio_encoder.sampling_rate
     n = int(round(clip_seconds * sr))
-    counts = {}
+    counts, paths = {}, {}
     for split in ("train", "valid", "test"):
         clips = read_split(data_root, split)
         if split != "train":
@@ -326,7 +344,8 @@ def stage_tokens(data_root: str, model_dir: str, out: Path, *, clip_seconds: flo
         ds = CodesDataset(torch.cat(codes), texts)
         ds.save(out / "tokens" / split)
         counts[split] = len(ds)
-    return {"root": str(out / "tokens"), "counts": counts, "frames": int(ds.codes.shape[-1]), "sample_rate": sr}
+        paths[split] = str(out / "tokens" / split)
+    return {"paths": paths, "counts": counts, "frames": int(ds.codes.shape[-1]), "sample_rate": sr}
 
 
 def _fit(x: np.ndarray, n: int) -> np.ndarray:
@@ -337,13 +356,13 @@ def _fit(x: np.ndarray, n: int) -> np.ndarray:
 
 
 def stage_distill(mode: str, cfg: dict, world: dict, tokens: dict, out: Path, progress: bool) -> dict:
-    from musicgen.distill import CodesDataset, DistillConfig, distill
+    from musicgen.distill import DistillConfig, distill, load_codes
 
     config = DistillConfig(mode=mode, **cfg)
     student = _load(world["student_base"])
     teacher = _load(world["teacher"]) if mode == "kd" else None
     run = out / f"student_{mode}"
-    summary = distill(student, teacher, CodesDataset.load(Path(tokens["root"]) / "train"),
+    summary = distill(student, teacher, load_codes(tokens["paths"]["train"]),
                       _tokenizer(world["student_base"]), config, run, progress=progress)
     _tokenizer(world["student_base"]).save_pretrained(run / "model")
     return {"model": str(run / "model"), "curve": str((run / "curve.jsonl").relative_to(out)), "summary": summary}
@@ -354,9 +373,9 @@ def stage_distill(mode: str, cfg: dict, world: dict, tokens: dict, out: Path, pr
 
 def _calibration(model, tokens: dict, tok, n: int) -> dict:
     """Calibration inputs from held-in (valid) clips: never the test split."""
-    from musicgen.distill import CodesDataset, delay_pattern
+    from musicgen.distill import delay_pattern, load_codes
 
-    ds = CodesDataset.load(Path(tokens["root"]) / ("valid" if tokens["counts"].get("valid") else "train"))
+    ds = load_codes(tokens["paths"]["valid" if tokens["counts"].get("valid") else "train"])
     codes = ds.codes[:n]
     inputs, _, _ = delay_pattern(codes, bos_token_id=model.config.decoder.bos_token_id,
                                  pad_token_id=model.config.decoder.pad_token_id)
@@ -552,7 +571,7 @@ def heldout_figures(model, teacher, tok, ds, *, batch: int = 8) -> dict:
         inputs, labels, mask = delay_pattern(codes, bos_token_id=model.config.decoder.bos_token_id,
                                              pad_token_id=model.config.decoder.pad_token_id)
         s = decoder_logits(model, inputs, *encode_text(model, enc["input_ids"], enc["attention_mask"], drop=no)).float()
-        lp = F.log_softmax(s, -1).gather(-1, labels.clamp_max(s.shape[-1] - 1)[..., None])[..., 0]
+        lp = F.log_softmax(s, -1).gather(-1, labels.clamp(0, s.shape[-1] - 1)[..., None])[..., 0]
         nll -= float(lp[mask].sum())
         nll0 -= float(lp[:, 0][mask[:, 0]].sum())
         n += int(mask.sum())
@@ -568,9 +587,9 @@ def stage_evaluate(cfg: dict, variants: dict, tokens: dict, data: dict, out: Pat
 
     from kdq.quant import model_bytes
     from musicgen.audiofolder import load_audio, read_split
-    from musicgen.distill import CodesDataset
+    from musicgen.distill import load_codes
 
-    test = CodesDataset.load(Path(tokens["root"]) / "test")
+    test = load_codes(tokens["paths"]["test"])
     clips = read_split(data["root"], "test")
     prompts = list(dict.fromkeys(c.text for c in clips))[: cfg["prompts"]]
     if len(prompts) < cfg["prompts"]:
@@ -730,12 +749,14 @@ def reproduce(preset: str = "mini", out: str | Path | None = None, *, force: set
     seed = cfg["seed"]
     t_all = time.perf_counter()
 
-    data = pipe.run("data", cfg["data"], lambda: stage_data(cfg["data"], out, preset, progress))
-    world = pipe.run("world", {"world": cfg["world"], "seed": seed}, lambda: stage_world(cfg["world"], out, preset, seed))
+    world = pipe.run("world", {"world": cfg["world"], "seed": seed},
+                     lambda: stage_world(cfg["world"], out, preset, seed, progress))
+    data = pipe.run("data", cfg["data"], lambda: stage_data(cfg["data"], out, preset, world, progress), after=("world",))
     clip_s = cfg["data"].get("clip_seconds", 10.0)
     tokens = pipe.run("tokens", {"clip_seconds": clip_s, "max": cfg["evaluate"]["max_eval_clips"]},
                       lambda: stage_tokens(data["root"], world["student_base"], out, clip_seconds=clip_s,
-                                           max_clips=cfg["evaluate"]["max_eval_clips"]), after=("data", "world"))
+                                           max_clips=cfg["evaluate"]["max_eval_clips"], world=world),
+                      after=("data", "world"))
     distilled = {}
     for mode in ("ce", "kd"):
         distilled[mode] = pipe.run(f"distill_{mode}", cfg["distill"],
