@@ -554,7 +554,8 @@ def distill(student, teacher, data: CodesDataset, tokenizer, config: DistillConf
         saved = DistillConfig.from_dict(state["config"])
         ignore = {"checkpoint_every", "keep_checkpoints", "log_every", "bf16"}
         changed = {k for k, v in config.to_dict().items() if k not in ignore and saved.to_dict()[k] != v}
-        if changed or state["global_batch"] != global_batch:
+        finished = state["step"] >= config.steps  # a finished run may be reopened by any number of processes
+        if changed or (state["global_batch"] != global_batch and not finished):
             raise DistillError(f"{ckpt_dir} holds a run with different settings ({sorted(changed) or 'global batch'}); "
                                "resume with the same settings, or use a fresh --out")
         start, bf16 = state["step"], state["bf16"]

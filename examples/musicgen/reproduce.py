@@ -355,15 +355,35 @@ def _fit(x: np.ndarray, n: int) -> np.ndarray:
 # ----------------------------------------------------------------------------------------- distill
 
 
-def stage_distill(mode: str, cfg: dict, world: dict, tokens: dict, out: Path, progress: bool) -> dict:
+def stage_distill(mode: str, cfg: dict, world: dict, tokens: dict, out: Path, progress: bool, nproc: int = 1) -> dict:
+    """Fine-tune student_base with StageMixedKL (``kd``) or cross-entropy (``ce``), same steps and data.
+
+    ``nproc > 1`` runs ``distill.py`` under ``torchrun`` (DDP; NCCL on GPUs, gloo on CPU) with the
+    same global batch, then reopens the finished run here.
+    """
     from musicgen.distill import DistillConfig, distill, load_codes
 
-    config = DistillConfig(mode=mode, **cfg)
+    config = DistillConfig(mode=mode, **{k: v for k, v in cfg.items() if k != "nproc"})
+    run = out / f"student_{mode}"
+    if nproc > 1:
+        if config.micro_batch % nproc:
+            raise bad_value(ReproduceError, "distill.micro_batch", config.micro_batch, f"a multiple of nproc={nproc}")
+        per = {**config.to_dict(), "micro_batch": config.micro_batch // nproc}
+        run.mkdir(parents=True, exist_ok=True)
+        _write_json(run / "config.json", per)
+        script = Path(__file__).resolve().with_name("distill.py")
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), str(script),
+               "--student", world["student_base"], "--data", tokens["paths"]["train"], "--out", str(run),
+               "--config", str(run / "config.json"), *(["--teacher", world["teacher"]] if mode == "kd" else [])]
+        subprocess.run(cmd, check=True)
+        config = DistillConfig.from_dict(per)  # reopen the finished run with the settings it ran under
+        ddp_summary = json.loads((run / "summary.json").read_text())
     student = _load(world["student_base"])
     teacher = _load(world["teacher"]) if mode == "kd" else None
-    run = out / f"student_{mode}"
     summary = distill(student, teacher, load_codes(tokens["paths"]["train"]),
                       _tokenizer(world["student_base"]), config, run, progress=progress)
+    if nproc > 1:  # keep the torchrun run's own summary (world size, wall time), not the reopening's
+        summary = {**ddp_summary, "reopened": summary["resumed_from"] >= config.steps}
     _tokenizer(world["student_base"]).save_pretrained(run / "model")
     return {"model": str(run / "model"), "curve": str((run / "curve.jsonl").relative_to(out)), "summary": summary}
 
@@ -736,7 +756,8 @@ def _versions() -> dict:
 
 
 def reproduce(preset: str = "mini", out: str | Path | None = None, *, force: set[str] | None = None,
-              overrides: dict | None = None, progress: bool = True, command: str | None = None) -> dict:
+              overrides: dict | None = None, progress: bool = True, command: str | None = None,
+              nproc: int = 1) -> dict:
     """Run the pipeline; write ``OUT/results.json`` and ``OUT/report.html``; return the results."""
     cfg = _preset(preset)
     for section, values in (overrides or {}).items():
@@ -760,7 +781,8 @@ def reproduce(preset: str = "mini", out: str | Path | None = None, *, force: set
     distilled = {}
     for mode in ("ce", "kd"):
         distilled[mode] = pipe.run(f"distill_{mode}", cfg["distill"],
-                                   lambda mode=mode: stage_distill(mode, cfg["distill"], world, tokens, out, progress),
+                                   lambda mode=mode: stage_distill(mode, cfg["distill"], world, tokens, out, progress,
+                                                                   nproc),
                                    after=("world", "tokens"))
     plan = pipe.run("plan", cfg["plan"], lambda: stage_plan(cfg["plan"], distilled["kd"]["model"], tokens, out, progress),
                     after=("distill_kd", "tokens"))
@@ -847,6 +869,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--student", help="paper preset: student hub id or folder (default facebook/musicgen-small)")
     p.add_argument("--steps", type=int, help="distillation steps")
     p.add_argument("--clap", help="a CLAP checkpoint (hub id or folder) for FAD/CLAP with the real embedder")
+    p.add_argument("--nproc", type=int, default=1, help="processes for distillation (torchrun DDP; one per GPU)")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     overrides: dict[str, dict] = {}
@@ -862,7 +885,7 @@ def main(argv: list[str] | None = None) -> dict:
         overrides.setdefault("evaluate", {})["clap"] = args.clap
     command = "python examples/musicgen/reproduce.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     results = reproduce(args.preset, args.out, force=set(args.force), overrides=overrides,
-                        progress=not args.no_progress, command=command.strip())
+                        progress=not args.no_progress, command=command.strip(), nproc=args.nproc)
     print(json.dumps({"results": str(Path(results["out"]) / "results.json"),
                       "report": str(Path(results["out"]) / "report.html"), "stages": results["stages"]}, indent=1))
     return results
