@@ -128,29 +128,35 @@ def _read_jsonl(path: Path) -> list[dict]:
 
 
 def training_curves_png(curves: dict[str, list[dict]]) -> str | None:
-    """Loss per optimizer step for each run, temperature of the KD run on a second axis."""
+    """Left: the distillation runs (loss per step, StageMixedKL temperature on a second axis);
+    right: the teacher's and student's cross-entropy pretraining, when the results carry them."""
     curves = {k: v for k, v in curves.items() if v}
     if not curves:
         return None
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(7.5, 3.6))
-    temp_ax = None
-    for name, rows in curves.items():
-        ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], label=f"{name} loss", lw=1.3)
-        if any("temperature" in r for r in rows):
-            temp_ax = temp_ax or ax.twinx()
-            temp_ax.plot([r["step"] for r in rows], [r.get("temperature") for r in rows], ls="--", color="gray",
-                         lw=1, label=f"{name} temperature")
-            temp_ax.set_ylabel("temperature")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("training loss (nats)")
-    ax.set_yscale("log")
-    lines, labels = ax.get_legend_handles_labels()
-    if temp_ax is not None:
-        l2, lb2 = temp_ax.get_legend_handles_labels()
-        lines, labels = lines + l2, labels + lb2
-    ax.legend(lines, labels, fontsize=8, loc="upper right")
-    ax.grid(alpha=0.3)
+    groups = [{k: v for k, v in curves.items() if "pretraining" not in k},
+              {k: v for k, v in curves.items() if "pretraining" in k}]
+    groups = [g for g in groups if g]
+    fig, axes = plt.subplots(1, len(groups), figsize=(6.5 * len(groups), 3.6), squeeze=False)
+    for ax, group in zip(axes[0], groups):
+        temp_ax = None
+        for name, rows in group.items():
+            ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], label=f"{name} loss", lw=1.3)
+            if any("temperature" in r for r in rows):
+                temp_ax = temp_ax or ax.twinx()
+                temp_ax.plot([r["step"] for r in rows], [r.get("temperature") for r in rows], ls="--", color="gray",
+                             lw=1, label=f"{name} temperature")
+                temp_ax.set_ylabel("temperature")
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("training loss (nats)")
+        ax.set_yscale("log")
+        lines, labels = ax.get_legend_handles_labels()
+        if temp_ax is not None:
+            l2, lb2 = temp_ax.get_legend_handles_labels()
+            lines, labels = lines + l2, labels + lb2
+        ax.legend(lines, labels, fontsize=8, loc="upper right")
+        ax.grid(alpha=0.3)
+    fig.subplots_adjust(wspace=0.45)
     return _png(fig)
 
 
@@ -176,7 +182,9 @@ def pareto_png(planner: dict, variants: dict) -> str | None:
         ax.scatter([p["bytes"] / 1e6], [p["sensitivity"]], marker=m, color=c, s=90, zorder=5, label=key.replace("_", " "))
     ax.set_xlabel("model bytes (MB)")
     ax.set_ylabel("predicted sensitivity (sum of KL, lower is better)")
-    ax.set_yscale("symlog", linthresh=1e-4)
+    positive = [p["sensitivity"] for p in frontier if p["sensitivity"] > 0] + \
+        [p["sensitivity"] for p in points.values() if (p.get("sensitivity") or 0) > 0]
+    ax.set_yscale("symlog", linthresh=min(positive) if positive else 1e-6)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     ax.set_title("planner: predicted", fontsize=10)
@@ -204,7 +212,7 @@ def sensitivity_png(table: dict[str, dict[str, dict]]) -> str | None:
 
     plt = _plt()
     groups = list(table)
-    dtypes = sorted({d for g in table.values() for d in g}, key=lambda d: ("fp32", "bf16", "fp16", "int8", "int4").index(d)
+    dtypes = sorted({d for g in table.values() for d in g if d != "fp32"}, key=lambda d: ("fp32", "bf16", "fp16", "int8", "int4").index(d)
                     if d in ("fp32", "bf16", "fp16", "int8", "int4") else 99)
     grid = np.full((len(groups), len(dtypes)), np.nan)
     for i, g in enumerate(groups):
@@ -260,18 +268,19 @@ def _ablation(results: dict) -> str:
             continue
         if v.get("skipped") and v.get("bytes") is None:
             rows.append([f"<code>{name}</code>", html.escape(VARIANTS.get(name, "")),
-                         f'<span class="skip">skipped: {html.escape(str(v["skipped"]))}</span>', "", "", "", "", "", ""])
+                         f'<span class="skip">skipped: {html.escape(str(v["skipped"]))}</span>', "", "", "", "", "", "", ""])
             continue
         size = _pct(1 - v["bytes"] / fp32) if fp32 and v.get("bytes") else "n/a"
         ret = v.get("retention") or {}
         ret_s = ", ".join(f"{k} {_pct(x)}" for k, x in ret.items() if isinstance(x, (int, float))) or "n/a"
         extra = f' <span class="skip">({html.escape(str(v["skipped"]))})</span>' if v.get("skipped") else ""
         rows.append([f"<code>{name}</code>", html.escape(VARIANTS.get(name, "")) + extra, _mb(v.get("bytes")), size,
-                     _fmt(v.get("fad")), _fmt(v.get("clap")), _fmt(v.get("nll")), _fmt(v.get("kl_teacher"), 4), ret_s])
+                     _fmt(v.get("fad")), _fmt(v.get("clap")), _fmt(v.get("nll")), _fmt(v.get("nll_cb0")),
+                     _fmt(v.get("kl_teacher"), 4), ret_s])
     note = html.escape(results.get("ablation_note", ""))
     return ('<section id="ablation"><h2>Ablation</h2>'
             + _table(["variant", "what", "bytes", "smaller than student fp32", "FAD", "CLAP", "held-out NLL (nats/token)",
-                      "KL to teacher", "retention"], rows, "ablation")
+                      "NLL codebook 1", "KL to teacher", "retention"], rows, "ablation")
             + (f"<p>{note}</p>" if note else "") + "</section>")
 
 
@@ -329,7 +338,7 @@ def _stages(results: dict) -> str:
     total = 0.0
     for name, s in (results.get("stages") or {}).items():
         wall = s.get("wall_s")
-        total += wall or 0.0
+        total += 0.0 if "/" in name else (wall or 0.0)  # sub-stages (world/render) are inside their stage
         state = ("skipped: " + html.escape(str(s["skipped"]))) if s.get("skipped") else ("cached" if s.get("cached") else "ran")
         rows.append([html.escape(name), _fmt(wall, 1), state])
     rows.append(["<b>total</b>", f"<b>{total:.1f}</b>", ""])
@@ -386,6 +395,9 @@ def render(results: dict, root: str | Path) -> str:
     skipped = [f"<li><code>{html.escape(k)}</code>: {html.escape(str(v['skipped']))}</li>"
                for k, v in (results.get("stages") or {}).items() if isinstance(v, dict) and v.get("skipped")]
     skipped_html = f"<p>Stages not run:</p><ul>{''.join(skipped)}</ul>" if skipped else ""
+    if results.get("stand_in"):
+        skipped_html += f'<p class="skip"><b>STAND-IN MODELS:</b> {html.escape(str(results["stand_in"]))}</p>'
+
     body = [
         f"<h1>{title}</h1>",
         f"<p>Made by <code>{cmd}</code> on {html.escape(str(results.get('created', '')))}.</p>{skipped_html}",

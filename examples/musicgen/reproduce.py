@@ -815,9 +815,11 @@ def reproduce(preset: str = "mini", out: str | Path | None = None, *, force: set
         "headline": evaluation.get("headline", {"skipped": evaluation.get("skipped")}),
         "ort": ort,
         "planner": {k: v for k, v in plan.items() if k not in ("paper_plan_file", "kdq_plan_file")},
-        "training": {f"student_{m}": distilled[m]["curve"] for m in ("ce", "kd") if not distilled[m].get("skipped")},
+        "training": {**{f"student_{m}": distilled[m]["curve"] for m in ("ce", "kd") if not distilled[m].get("skipped")},
+                     **{f"{n} (CE pretraining)": c for n, c in (world.get("curves") or {}).items() if c}},
         "distill": {f"student_{m}": distilled[m].get("summary", distilled[m]) for m in ("ce", "kd")},
-        "stages": pipe.stages,
+        "stages": {**{f"world/{k}": {"wall_s": v.get("wall_seconds"), "cached": v.get("cached", False)}
+                      for k, v in (world.get("world_stages") or {}).items()}, **pipe.stages},
         "total_wall_s": round(time.perf_counter() - t_all, 1),
         "versions": _versions(),
         "config": cfg,
