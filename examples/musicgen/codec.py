@@ -74,6 +74,7 @@ class CodecConfig:
     seed: int = 0
     threads: int = 1  # see TrainConfig.threads
     checkpoint_every: int = 100
+    log_every: int = 25
 
     def validate(self) -> None:
         hop = int(np.prod(self.upsampling_ratios))
@@ -468,7 +469,7 @@ def train_codec(
         run["loss"] += float(loss.detach())
         run["commit"] += float(commit.detach())
         run["n"] += 1
-        if (step + 1) % 25 == 0 or step + 1 == cfg.steps:
+        if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
             log["curve"].append({"step": step + 1, "loss": round(run["loss"] / run["n"], 4), "commit": round(run["commit"] / run["n"], 4)})
             bar.set_postfix(loss=f"{run['loss'] / run['n']:.3f}", restarts=log["restarts"])
             run = {"loss": 0.0, "commit": 0.0, "n": 0}

@@ -223,7 +223,11 @@ def _stage_tokens(p: WorldPreset, out: Path, d: Path) -> dict:
     codec = EncodecModel.from_pretrained(str(paths["codec"])).eval()
     tok, _ = load_text(paths["text"])
     sets = {}
+    from musicgen.audiofolder import read_split
+
     for split in ("train", "valid", "test"):
+        if split == "valid" and not read_split(paths["data"], split):
+            continue  # a preset may render no validation pieces; train and test are required
         audio, captions = _load_split_audio(paths["data"], split, p.codec.sample_rate)
         sets[split] = make_token_dataset(codec, tok, audio, captions, max_length=p.text.max_length)
         sets[split].save(d / f"{split}.safetensors")

@@ -1,0 +1,163 @@
+"""Mini-world codec training: quantizer mechanics, anti-collapse, metrics, save/load and exact resume."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from musicgen.codec import (
+    CodecConfig,
+    CodecError,
+    MultiResolutionMelLoss,
+    build_codec,
+    chroma,
+    chroma_correlation,
+    codebook_stats,
+    encode,
+    kmeans_init,
+    rvq_train_forward,
+    train_codec,
+)
+
+TOY = CodecConfig(num_filters=4, hidden_size=8, codebook_size=16, steps=16, warmup_ae_steps=4, batch_size=4,
+                  crop_seconds=0.2, lr_warmup=2, kmeans_clips=6, mel_ffts=(128, 256), checkpoint_every=8, log_every=4)
+
+
+def toy_audio(n: int = 8, seconds: float = 0.5, sr: int = 8000, seed: int = 0) -> torch.Tensor:
+    """Chords of random notes with decaying envelopes: music-like and cheap."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(seconds * sr)) / sr
+    out = []
+    for _ in range(n):
+        x = np.zeros_like(t)
+        for _ in range(3):
+            f = 220 * 2 ** (rng.integers(0, 24) / 12)
+            onset = rng.uniform(0, seconds / 2)
+            env = np.where(t >= onset, np.exp(-(t - onset) * 4), 0.0)
+            x += env * np.sin(2 * np.pi * f * t)
+        out.append(0.2 * x / np.abs(x).max())
+    return torch.tensor(np.stack(out), dtype=torch.float32)
+
+
+def test_config_checks_frame_rate_and_codebook():
+    with pytest.raises(CodecError, match="50"):
+        CodecConfig(upsampling_ratios=(8, 5, 4, 4)).validate()
+    with pytest.raises(CodecError, match="power of two"):
+        CodecConfig(codebook_size=1000).validate()
+    model = build_codec(TOY)
+    assert model.config.frame_rate == 50 and model.quantizer.get_num_quantizers_for_bandwidth(model.config.target_bandwidths[-1]) == 4
+
+
+def test_weight_norm_reinit_gives_kaiming_scale():
+    model = build_codec(TOY)
+    first = model.encoder.layers[0].conv
+    w = first.weight  # effective weight through the parametrization
+    fan_in = w[0].numel()
+    assert w.std().item() == pytest.approx(math.sqrt(2 / fan_in), rel=0.35)
+    last = model.decoder.layers[-1].conv.weight
+    assert last.std().item() < 0.2 * math.sqrt(2 / last[0].numel())
+
+
+def test_nearest_code_agrees_with_transformers_quantizer():
+    model = build_codec(TOY)
+    z = torch.randn(3, TOY.hidden_size, 7)
+    kmeans_init(model, torch.randn(200, TOY.hidden_size))
+    _, _, codes, _ = rvq_train_forward(model, z, train=False)
+    ref = model.quantizer.encode(z)  # (codebooks, batch, frames)
+    assert torch.equal(codes, ref)
+
+
+def test_straight_through_and_commitment_gradients():
+    model = build_codec(TOY)
+    kmeans_init(model, torch.randn(200, TOY.hidden_size))
+    z = torch.randn(2, TOY.hidden_size, 5, requires_grad=True)
+    zq, commit, codes, _ = rvq_train_forward(model, z, train=False)
+    q = model.quantizer.decode(codes)
+    assert torch.allclose(zq, q, atol=1e-5)  # forward value is the quantized latent
+    (zq * 3.0).sum().backward()
+    assert torch.allclose(z.grad, torch.full_like(z, 3.0))  # identity gradient (straight-through)
+    z.grad = None
+    zq, commit, _, _ = rvq_train_forward(model, z, train=False)
+    commit.backward()
+    # Commitment pulls each latent towards its (first-codebook) code: a small step lowers the loss.
+    with torch.no_grad():
+        z2 = z - 0.1 * z.grad
+        _, commit2, _, _ = rvq_train_forward(model, z2, train=False)
+    assert commit2 < commit
+
+
+def test_ema_and_dead_code_restart():
+    model = build_codec(TOY)
+    cb = model.quantizer.layers[0].codebook
+    # All codes far away except code 0: every frame picks code 0, the others are dead.
+    cb.embed.fill_(100.0)
+    cb.embed[0] = 0.0
+    cb.embed_avg.copy_(cb.embed)
+    cb.cluster_size.fill_(0.0)
+    z = torch.randn(4, TOY.hidden_size, 10)
+    _, _, codes, restarted = rvq_train_forward(model, z, train=True, decay=0.5, generator=torch.Generator().manual_seed(0))
+    assert (codes[0] == 0).all() and restarted >= TOY.codebook_size - 1
+    frames = z.permute(0, 2, 1).reshape(-1, TOY.hidden_size)
+    # Restarted codes are batch frames; the live code moved towards the batch mean by EMA.
+    d = (cb.embed[1:, None] - frames[None]).abs().amax(-1).min(1).values
+    assert torch.all(d < 1e-6)
+    _, _, codes2, _ = rvq_train_forward(model, z, train=False)
+    assert codebook_stats(codes2, TOY.codebook_size)["perplexity"][0] > 4
+
+
+def test_kmeans_init_reduces_residual_per_codebook():
+    model = build_codec(TOY)
+    left = kmeans_init(model, torch.randn(300, TOY.hidden_size))
+    assert all(b < a for a, b in zip(left, left[1:])) and left[0] < 1.0
+
+
+def test_codebook_stats_extremes():
+    k = 16
+    uniform = torch.arange(k).repeat(4, 10)
+    assert codebook_stats(uniform, k)["perplexity"] == [16.0] * 4
+    single = torch.zeros(4, 50, dtype=torch.long)
+    stats = codebook_stats(single, k)
+    assert stats["perplexity"] == [1.0] * 4 and stats["usage"] == [round(1 / k, 3)] * 4
+
+
+def test_chroma_finds_the_pitch_class():
+    sr = 8000
+    t = np.arange(sr) / sr
+    a = np.sin(2 * np.pi * 440 * t)
+    c = np.sin(2 * np.pi * 523.25 * t)
+    assert chroma(a, sr).mean(1).argmax() == 0  # A
+    assert chroma(c, sr).mean(1).argmax() == 3  # C
+    assert chroma_correlation(a, a, sr) == pytest.approx(1.0)
+    assert chroma_correlation(a, c, sr) < 0.2
+
+
+def test_mel_loss_zero_on_equal_and_differentiable():
+    loss = MultiResolutionMelLoss(8000, (128, 256))
+    x = toy_audio(2, 0.25)
+    assert float(loss(x, x)) == 0.0
+    y = (0.5 * x).requires_grad_(True)
+    val = loss(y, x)
+    val.backward()
+    assert float(val.detach()) > 0 and y.grad.abs().sum() > 0
+
+
+def test_toy_training_uses_all_codebooks_saves_and_resumes(tmp_path):
+    from transformers import EncodecModel
+
+    audio = toy_audio(8)
+    model, log = train_codec(TOY, audio, tmp_path / "a", progress=False)
+    assert log["curve"][-1]["loss"] < log["curve"][0]["loss"]
+    codes = encode(model, toy_audio(4, seed=1))
+    stats = codebook_stats(codes.transpose(0, 1), TOY.codebook_size)
+    assert all(p > 2.0 for p in stats["perplexity"]), stats  # no residual codebook collapsed to one code
+    loaded = EncodecModel.from_pretrained(tmp_path / "a" / "model")
+    assert torch.equal(encode(loaded, audio[:2]), encode(model, audio[:2]))
+    # Killed after its first step, then resumed: same weights as the uninterrupted run.
+    _, first = train_codec(TOY, audio, tmp_path / "b", progress=False, max_seconds=0.0)
+    assert first["stopped_at"] == 1
+    resumed, _ = train_codec(TOY, audio, tmp_path / "b", progress=False)
+    for (name, p), q in zip(model.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(p, q), name
