@@ -133,6 +133,8 @@ def machine(threads: int) -> str:
 
 
 def commit() -> str:
+    if os.environ.get("KDQ_BENCH_COMMIT"):  # set when running from an exported snapshot
+        return os.environ["KDQ_BENCH_COMMIT"]
     try:
         sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
                              text=True, check=True).stdout.strip()

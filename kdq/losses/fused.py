@@ -73,38 +73,30 @@ def _chunk(
 
     ``inv_t`` (1 / temperature) and ``alpha`` are 0-d tensors of the compute dtype, so that a
     compiled kernel does not recompile as the temperature anneals; ``skew`` is ``alpha != 0``.
+    Gradients are assembled in place from per-row coefficients to keep the number of passes over
+    the chunk small.
     """
     dt = _compute_dtype(s)
     tiny = torch.finfo(dt).tiny
     need_kl = any(n != "cross_entropy" for n in terms)
     vals: dict[str, torch.Tensor] = {}
-    grad = coef is not None
-    gs = gt = None
     # which of the plain KLs are needed (alpha = 0 turns the skewed terms into the plain ones)
     need_f = "forward_kl" in terms or "adaptive_kl" in terms or (not skew and "skewed_forward_kl" in terms)
     need_r = "reverse_kl" in terms or "adaptive_kl" in terms or (not skew and "skewed_reverse_kl" in terms)
     sf = skew and "skewed_forward_kl" in terms
     sr = skew and "skewed_reverse_kl" in terms
     if need_kl:
-        xs = s.to(dt) * inv_t
-        xt = t.to(dt) * inv_t
-        xs = xs - xs.amax(-1, keepdim=True)
-        xt = xt - xt.amax(-1, keepdim=True)
-        q = xs.exp()
-        p = xt.exp()
-        zs = q.sum(-1, keepdim=True)
-        zt = p.sum(-1, keepdim=True)
-        q = q / zs
-        p = p / zt
-        ls = xs - zs.log()
-        lt = xt - zt.log()
+        ls = torch.log_softmax(s.to(dt) * inv_t, dim=-1)
+        lt = torch.log_softmax(t.to(dt) * inv_t, dim=-1)
+        q = ls.exp()
+        p = lt.exp()
         if need_f or need_r:
             d = ls - lt
         if need_f:
-            fkl = -(p * d).sum(-1)
+            fkl = -_dot(p, d)
             vals["forward_kl"] = fkl
         if need_r:
-            rkl = (q * d).sum(-1)
+            rkl = _dot(q, d)
             vals["reverse_kl"] = rkl
         if "adaptive_kl" in terms:
             p_sorted, order = p.sort(dim=-1, descending=True)
@@ -117,36 +109,34 @@ def _chunk(
             w_tail = 1.0 - w_head
             vals["adaptive_kl"] = w_head * fkl + w_tail * rkl
         if sf:
-            m = (alpha * p + (1.0 - alpha) * q).clamp_min(tiny)
-            lm = m.log()
-            sfkl = (p * (lt - lm)).sum(-1)
+            m = torch.lerp(q, p, alpha).clamp_min_(tiny)  # alpha p + (1 - alpha) q
+            ltm = lt - m.log()
+            sfkl = _dot(p, ltm)
             vals["skewed_forward_kl"] = sfkl
         elif "skewed_forward_kl" in terms:
             vals["skewed_forward_kl"] = fkl
         if sr:
-            nn_ = (alpha * q + (1.0 - alpha) * p).clamp_min(tiny)
-            ln = nn_.log()
-            srkl = (q * (ls - ln)).sum(-1)
+            n_ = torch.lerp(p, q, alpha).clamp_min_(tiny)  # alpha q + (1 - alpha) p
+            lsn = ls - n_.log()
+            srkl = _dot(q, lsn)
             vals["skewed_reverse_kl"] = srkl
         elif "skewed_reverse_kl" in terms:
             vals["skewed_reverse_kl"] = rkl
     if "cross_entropy" in terms:
         if labels is None:  # internal invariant: callers pass labels with this term
             raise RuntimeError("cross_entropy needs labels")
-        x1 = s.to(dt)
-        x1 = x1 - x1.amax(-1, keepdim=True)
-        e1 = x1.exp()
-        z1 = e1.sum(-1, keepdim=True)
-        ce = z1.squeeze(-1).log() - x1.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
-        vals["cross_entropy"] = ce
+        l1 = torch.log_softmax(s.to(dt), dim=-1)
+        vals["cross_entropy"] = -l1.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
     values = torch.stack([vals[n] for n in terms], dim=-1)
-    if not grad:
+    if coef is None:
         return values, None, None
 
     c = {n: coef[:, i : i + 1].to(dt) for i, n in enumerate(terms)}
-    live = coef.ne(0).any(-1, keepdim=True)  # rows whose gradient is not exactly zero
+    gs = gt = None
     if need_kl:
-        # d/dx_s = q * (inner + row) - c_f p ;  d/dx_t = p * (t_inner + t_row) - c_r q   (then / T)
+        # d/dx_s = q * (sum_k a_k X_k + row) - c_f p ;  d/dx_t = p * (sum_k b_k Y_k + t_row) - c_r q
+        # with per-row coefficients a_k, b_k, row, t_row (see the table in the module docstring);
+        # the 1/T of the chain rule is folded into the per-row coefficients.
         c_f = c_r = None
         if need_f:
             c_f = _add(c.get("forward_kl"), None if skew else c.get("skewed_forward_kl"))
@@ -156,51 +146,75 @@ def _chunk(
             c_r = _add(c.get("reverse_kl"), None if skew else c.get("skewed_reverse_kl"))
             if "adaptive_kl" in terms:
                 c_r = _add(c_r, c["adaptive_kl"] * w_tail.unsqueeze(-1))
-        inner = row = t_inner = t_row = None
+        s_terms: list[tuple[torch.Tensor, torch.Tensor]] = []
+        t_terms: list[tuple[torch.Tensor, torch.Tensor]] = []
+        row = t_row = None
         if c_f is not None:
             row = c_f
             if want_grad_t:
                 t_row = -c_f * fkl.unsqueeze(-1)
-                t_inner = -c_f * d
+                t_terms.append((-c_f, d))
         if c_r is not None:
             row = _add(row, -c_r * rkl.unsqueeze(-1))
-            inner = c_r * d
+            s_terms.append((c_r, d))
             if want_grad_t:
                 t_row = _add(t_row, c_r)
         if sf:
             c_sf = c["skewed_forward_kl"]
             r = p / m
-            row = _add(row, c_sf * (1.0 - alpha) * (q * r).sum(-1, keepdim=True))
-            inner = _add(inner, -(c_sf * (1.0 - alpha)) * r)
+            row = _add(row, c_sf * (1.0 - alpha) * _dot(q, r).unsqueeze(-1))
+            s_terms.append((-(c_sf * (1.0 - alpha)), r))
             if want_grad_t:
-                t_row = _add(t_row, c_sf * (alpha * (p * r).sum(-1, keepdim=True) - sfkl.unsqueeze(-1)))
-                t_inner = _add(t_inner, c_sf * (lt - lm - alpha * r))
+                t_row = _add(t_row, c_sf * (alpha * _dot(p, r).unsqueeze(-1) - sfkl.unsqueeze(-1)))
+                t_terms.append((c_sf, ltm))
+                t_terms.append((-c_sf * alpha, r))
         if sr:
             c_sr = c["skewed_reverse_kl"]
-            r2 = q / nn_
-            row = _add(row, c_sr * (alpha * (q * r2).sum(-1, keepdim=True) - srkl.unsqueeze(-1)))
-            inner = _add(inner, c_sr * (ls - ln - alpha * r2))
+            r2 = q / n_
+            row = _add(row, c_sr * (alpha * _dot(q, r2).unsqueeze(-1) - srkl.unsqueeze(-1)))
+            s_terms.append((c_sr, lsn))
+            s_terms.append((-c_sr * alpha, r2))
             if want_grad_t:
-                t_row = _add(t_row, c_sr * (1.0 - alpha) * (p * r2).sum(-1, keepdim=True))
-                t_inner = _add(t_inner, -(c_sr * (1.0 - alpha)) * r2)
-        gs = q * (row if inner is None else inner + row)
-        if c_f is not None:
-            gs = gs - c_f * p
-        gs = gs * inv_t
+                t_row = _add(t_row, c_sr * (1.0 - alpha) * _dot(p, r2).unsqueeze(-1))
+                t_terms.append((-(c_sr * (1.0 - alpha)), r2))
+        gs = _assemble(q, p, s_terms, row, c_f, inv_t)
         if want_grad_t:
-            gt = p * (t_row if t_inner is None else t_inner + t_row)
-            if c_r is not None:
-                gt = gt - c_r * q
-            gt = gt * inv_t
+            gt = _assemble(p, q, t_terms, t_row, c_r, inv_t)
     if "cross_entropy" in terms:
         c_ce = c["cross_entropy"]
-        g_ce = e1 * (c_ce / z1)
-        g_ce = g_ce.scatter_add(-1, labels.unsqueeze(-1), -c_ce)
-        gs = g_ce if gs is None else gs + g_ce
-    gs = torch.where(live, gs, 0.0).to(s.dtype)
+        g_ce = l1.exp().mul_(c_ce).scatter_add_(-1, labels.unsqueeze(-1), -c_ce)
+        gs = g_ce if gs is None else gs.add_(g_ce)
+    live = coef.ne(0).any(-1, keepdim=True)  # rows whose gradient is not exactly zero
+    gs = gs.masked_fill_(~live, 0.0).to(s.dtype)
     if want_grad_t:
-        gt = torch.zeros_like(t) if gt is None else torch.where(live, gt, 0.0).to(t.dtype)
+        gt = torch.zeros_like(t) if gt is None else gt.masked_fill_(~live, 0.0).to(t.dtype)
     return values, gs, gt
+
+
+def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Row-wise ``sum(a * b, -1)``."""
+    return (a * b).sum(-1)
+
+
+def _assemble(
+    base: torch.Tensor,
+    other: torch.Tensor,
+    terms: list[tuple[torch.Tensor, torch.Tensor]],
+    row: torch.Tensor | None,
+    c_other: torch.Tensor | None,
+    inv_t: torch.Tensor,
+) -> torch.Tensor:
+    """``(base * (sum_k coef_k * X_k + row) - c_other * other) / T`` with in-place accumulation."""
+    acc = None
+    for k, x in terms:
+        acc = x * (k * inv_t) if acc is None else acc.addcmul_(x, k * inv_t)
+    if row is not None:
+        acc = (row * inv_t).expand_as(base).clone() if acc is None else acc.add_(row * inv_t)
+    acc = base.clone() * 0.0 if acc is None else acc
+    acc = acc.mul_(base)
+    if c_other is not None:
+        acc = acc.addcmul_(other, -(c_other * inv_t))
+    return acc
 
 
 def _add(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
