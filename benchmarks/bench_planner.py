@@ -93,6 +93,22 @@ def _row(op, impl, shape, metric, values, rows):
     print(f"{op:<28} {impl:<22} {shape:<26} {metric:<22} {row['median']:.6g}", flush=True)
 
 
+def render(path: Path) -> str:
+    """The rows of the last run in ``path`` (same commit and machine as its last row) as markdown."""
+    with path.open() as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        return "(no rows)"
+    last = rows[-1]
+    run = [r for r in rows if r["commit"] == last["commit"] and r["machine"] == last["machine"]]
+    out = ["| op | impl | shape | metric | median | p20 | p80 |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    for r in run:
+        out.append(f"| {r['op']} | {r['impl']} | {r['shape']} | {r['metric']} | {float(r['median']):.6g} | "
+                   f"{float(r['p20']):.6g} | {float(r['p80']):.6g} |")
+    out.append(f"\nmachine {last['machine']}, commit {last['commit']}, load {last['load']}")
+    return "\n".join(out)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--threads", type=int, default=2)
@@ -104,7 +120,11 @@ def main() -> None:
     ap.add_argument("--no-fisher", action="store_true")
     ap.add_argument("--out", default=str(RESULTS))
     ap.add_argument("--tiny", action="store_true", help="smoke test on the tiny random MusicGen")
+    ap.add_argument("--render", action="store_true", help="print the last run in --out as markdown and exit")
     args = ap.parse_args()
+    if args.render:
+        print(render(Path(args.out)))
+        return
     torch.set_num_threads(args.threads)
     rows: list[dict] = []
     print(f"load before: {_load()}", flush=True)
@@ -161,6 +181,26 @@ def main() -> None:
     _row("frontier", "milp x32 budgets", tag, "seconds", time.perf_counter() - t, rows)
     _row("frontier", "milp x32 budgets", tag, "points", len(front), rows)
 
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(6, 4))
+        ax.plot([f["bytes"] / 1e6 for f in front], [max(f["sensitivity"], 1e-12) for f in front], "o-", ms=3,
+                label="planned (Pareto front, predicted)")
+        ax.plot([paper["measured_bytes"] / 1e6], [max(paper["measured_sensitivity"], 1e-12)], "r*", ms=10,
+                label="paper plan (measured)")
+        ax.set_xlabel("model bytes (MB)")
+        ax.set_ylabel("sensitivity (KL nats/position + audio rel. error)")
+        ax.set_yscale("log")
+        ax.legend()
+        ax.set_title(f"{shape}, {args.granularity} groups")
+        fig.tight_layout()
+        fig.savefig(Path(args.out).parent / "planner_frontier.png", dpi=120)
+    except Exception as e:  # the plot is a convenience; the CSV rows are the result
+        print(f"frontier plot skipped: {e}", flush=True)
     planned = planner.measure(plan, score)
     _row("bytes", "planned@paper_size", shape, "bytes", planned["measured_bytes"], rows)
     _row("bytes", "planned@paper_size", shape, "predicted_bytes", planned["predicted_bytes"], rows)

@@ -156,3 +156,32 @@ def test_real_storage_after_apply():
     assert model_bytes(m) == expected < before
     y = m(torch.randn(2, 64))
     assert y.dtype == torch.float16 and bool(torch.isfinite(y).all())
+
+
+class _MaskedAttention(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(8, 8)
+
+    def forward(self, x, mask):
+        scores = self.proj(x) + mask  # mask holds finfo(float32).min where nothing may be attended
+        return torch.softmax(scores, dim=-1)
+
+
+class _Outer(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = _MaskedAttention()
+        self.pre = nn.Linear(8, 8)
+
+    def forward(self, x):
+        mask = torch.full((x.shape[0], 8), torch.finfo(torch.float32).min)
+        return self.inner(self.pre(x), mask=mask)
+
+
+def test_boundary_casts_keep_fp32_masks_finite_in_fp16():
+    m = apply_plan(_Outer(), Plan({"inner": "fp16"}))
+    y = m(torch.randn(3, 8))
+    assert y.dtype == torch.float16 and bool(torch.isfinite(y).all())  # -inf masks would give NaN
+    z = apply_plan(_Outer(), Plan({"inner": "bf16", "pre": "int8"}))(torch.randn(3, 8))
+    assert z.dtype == torch.bfloat16 and bool(torch.isfinite(z).all())
