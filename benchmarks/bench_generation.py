@@ -109,17 +109,17 @@ def streamed_bytes_per_step(decoder_file: Path) -> int:
     embedding gathers (which read a few rows)."""
     import onnx
 
-    from kdq.export.precision import _initializers, _tensor_bytes, weight_input
+    from kdq.export.precision import initializers, tensor_bytes, weight_input
 
     m = onnx.load(str(decoder_file))
-    inits = _initializers(m.graph)
+    inits = initializers(m.graph)
     if_node = next(n for n in m.graph.node if n.op_type == "If")
     cached = next(a.g for a in if_node.attribute if a.name == "then_branch")
     total = 0
     for node in cached.node:
         w = weight_input(node, inits)
         if w is not None and not node.op_type.startswith("Gather"):
-            total += _tensor_bytes(w)
+            total += tensor_bytes(w)
     return total
 
 

@@ -58,7 +58,6 @@ def _decoder_example(model, *, batch: int, text_len: int, past_len: int, seq: in
     k = dec.num_codebooks
     b2 = 2 * batch
     text_hidden = model.text_encoder.config.hidden_size
-    cross_hidden = dec.hidden_size
     heads = dec.num_attention_heads
     head_dim = dec.hidden_size // heads
     feed: dict[str, torch.Tensor] = {
@@ -72,7 +71,6 @@ def _decoder_example(model, *, batch: int, text_len: int, past_len: int, seq: in
         for name in kv_names(dec.num_hidden_layers, "past_key_values"):
             length = past_len if ".decoder." in name else text_len
             feed[name] = torch.randn(b2, heads, length, head_dim, generator=g)
-    del cross_hidden
     return feed
 
 
