@@ -219,7 +219,11 @@ def test_paper_plan_bundle_layout_conformance_and_parity(paper_bundle):
     assert parts["encodec_decode"]["parity"]["max_abs_diff"]["audio_values"] < 1e-4  # fp32, strict
     sess = ort.InferenceSession(str(bundle / "onnx/decoder_model_merged_fp16.onnx"), providers=["CPUExecutionProvider"])
     types = {i.name: i.type for i in sess.get_inputs()}
-    assert types["encoder_hidden_states"] == "tensor(float16)" and types["past_key_values.0.decoder.key"] == "tensor(float16)"
+    # the KV cache is fp16; tensors crossing parts stay fp32 (transformers.js does not cast between parts)
+    assert types["encoder_hidden_states"] == "tensor(float)" and types["past_key_values.0.decoder.key"] == "tensor(float16)"
+    assert {o.name: o.type for o in sess.get_outputs()}["logits"] == "tensor(float)"
+    assert cfg["transformers.js_config"]["kv_cache_dtype"] == {"fp16": "float16"}
+    assert parts["decoder_model_merged"]["kv_cache_dtype"] == "float16"
     assert parts["decoder_model_merged"]["bytes"] < 0.6 * parts["decoder_model_merged"]["planned_weight_bytes_fp32"]["fp16"] + 200_000
 
 

@@ -3,8 +3,10 @@
 Each graph goes through ``kdq.export.apply_plan_onnx`` (ONNX Runtime's quantizer and fp16 converter,
 restricted to the nodes of each plan group, then a conformance check). The file variant of each
 part (``_fp16``, ``_quantized``, ``_q4``) is the dtype that holds most of the part's weight bytes
-under the plan; a part whose weights are all fp16 gets fp16 inputs and outputs, as transformers.js
-expects of ``*_fp16.onnx`` files. The two decoder graphs must end up with the same variant.
+under the plan. Tensors that cross parts (encoder states, logits, audio) stay fp32 whatever the
+dtypes, since transformers.js feeds one part's output to the next without casting; a decoder whose
+weights are all fp16 keeps its KV cache in fp16 (``kv_cache_dtype`` in ``config.json``, read by
+transformers.js). The two decoder graphs must end up with the same variant.
 """
 
 from __future__ import annotations
@@ -76,12 +78,16 @@ def apply_bundle_plan(model, graphs: dict[str, Path], plan: Any, work: Path):
         if part in dtypes and dtypes[part] != variant:
             raise BundlePlanError(f"decoder graphs disagree on their variant: {dtypes[part]} vs {variant}")
         dtypes[part] = variant
-        converted, rep = apply_plan_onnx(g, plan, module_names, prefix=prefix, keep_io_types=variant != "fp16" or len(planned) > 1)
+        fp16_cache = variant == "fp16" and len(planned) == 1 and part == "decoder_model_merged"
+        keep: bool | list[str] = True
+        if fp16_cache:  # only the KV cache in fp16; tensors crossing parts stay fp32 (see the docstring)
+            keep = [v.name for v in [*g.graph.input, *g.graph.output] if not v.name.startswith(("past_key_values.", "present."))]
+        converted, rep = apply_plan_onnx(g, plan, module_names, prefix=prefix, keep_io_types=keep)
         new = work / f"{name}.{variant}.onnx"
         save_onnx_atomic(converted, new)
         out_paths[name] = new
         entry = {"planned_weight_bytes_fp32": planned, "mixed": len(planned) > 1, "conformance": rep.to_json(),
-                 "fp16_io": variant == "fp16" and len(planned) == 1}
+                 "kv_cache_dtype": "float16" if fp16_cache else ("float32" if part == "decoder_model_merged" else None)}
         if name == "decoder_with_past_model":
             parts[part]["conformance_cached_step"] = rep.to_json()
         else:

@@ -154,9 +154,14 @@ def _merged_checks(model, *, seed: int = 10) -> tuple[list[dict], list[dict]]:
     return first, cached
 
 
-def _bundle_config(model, dtypes: dict[str, str]) -> dict[str, Any]:
+def _bundle_config(model, dtypes: dict[str, str], kv_cache_dtype: str = "float32") -> dict[str, Any]:
+    """``config.json``: the model config plus the per-file dtypes (and the KV cache dtype of the
+    decoder's variant) where transformers.js reads them."""
     cfg = model.config.to_dict()
-    cfg["transformers.js_config"] = {"dtype": {part: TJS_DTYPE[d] for part, d in dtypes.items()}}
+    tjs: dict[str, Any] = {"dtype": {part: TJS_DTYPE[d] for part, d in dtypes.items()}}
+    if kv_cache_dtype != "float32":
+        tjs["kv_cache_dtype"] = {TJS_DTYPE[dtypes["decoder_model_merged"]]: kv_cache_dtype}
+    cfg["transformers.js_config"] = tjs
     return cfg
 
 
@@ -240,7 +245,8 @@ def export_bundle(model: str | Path | Any, out: str | Path, *, plan: Any = "fp32
             report["parts"][part] = entry
         report["bundle_bytes"] = sum(e["bytes"] for e in report["parts"].values())
         shutil.rmtree(work)
-        write_text_atomic(stage / "config.json", json.dumps(_bundle_config(model_obj, dtypes), indent=2))
+        kv = plan_report["parts"]["decoder_model_merged"]["kv_cache_dtype"] if plan_report else "float32"
+        write_text_atomic(stage / "config.json", json.dumps(_bundle_config(model_obj, dtypes, kv), indent=2))
         write_text_atomic(stage / "generation_config.json", json.dumps(model_obj.generation_config.to_dict(), indent=2))
         if tok is not None:
             tok.save_pretrained(stage)

@@ -294,7 +294,7 @@ def apply_plan_onnx(
     module_names: Iterable[str],
     *,
     prefix: str = "",
-    keep_io_types: bool = True,
+    keep_io_types: bool | list[str] = True,
     int4_block_size: int = 32,
     check: bool = True,
 ):
@@ -305,7 +305,8 @@ def apply_plan_onnx(
         plan: a ``kdq.quant.Plan``; it is read, never changed.
         module_names: the torch model's module names (``[n for n, _ in model.named_modules()]``).
         prefix: the module the graph's scopes are relative to (see ``node_modules``).
-        keep_io_types: keep float graph inputs and outputs in fp32 (else fp16 when fp16 is used).
+        keep_io_types: keep float graph inputs and outputs in fp32 (``True``), convert them all to fp16
+            when fp16 is used (``False``), or keep only the listed names in fp32.
         int4_block_size: block size of 4-bit weights (``MatMulNBits``).
         check: raise ``PlanConformanceError`` if the result does not carry the plan.
 
