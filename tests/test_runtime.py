@@ -187,3 +187,19 @@ def test_failed_export_leaves_previous_bundle(tiny_bundle, tmp_path, monkeypatch
         export_bundle(str(model_dir), out, progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
+
+
+def test_projected_encoder_states_match_generate(tmp_path):
+    """T5 width != decoder width: the decoder graph carries enc_to_dec_proj and the mask product."""
+    from transformers import AutoTokenizer, MusicgenForConditionalGeneration
+
+    model_dir = save_tiny_musicgen(tmp_path / "model", seed=1, text_hidden=48)
+    export_bundle(str(model_dir), tmp_path / "bundle", progress=False)
+    model = MusicgenForConditionalGeneration.from_pretrained(model_dir).eval()
+    assert model.enc_to_dec_proj is not None
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    inputs = tok(PROMPTS, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        ref = model.generate(**inputs, do_sample=False, guidance_scale=3.0, max_new_tokens=12).numpy()
+    audio = MusicgenOnnx(tmp_path / "bundle").generate(PROMPTS, max_new_tokens=12, guidance_scale=3.0)
+    np.testing.assert_allclose(audio, ref, atol=1e-4, rtol=0)
