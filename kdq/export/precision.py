@@ -296,6 +296,7 @@ def apply_plan_onnx(
     prefix: str = "",
     keep_io_types: bool | list[str] = True,
     int4_block_size: int = 32,
+    int4_accuracy_level: int | None = 4,
     check: bool = True,
 ):
     """Convert an fp32 ``onnx.ModelProto`` to the dtypes ``plan`` assigns to its nodes' modules.
@@ -308,6 +309,8 @@ def apply_plan_onnx(
         keep_io_types: keep float graph inputs and outputs in fp32 (``True``), convert them all to fp16
             when fp16 is used (``False``), or keep only the listed names in fp32.
         int4_block_size: block size of 4-bit weights (``MatMulNBits``).
+        int4_accuracy_level: ``MatMulNBits`` compute type: 4 quantizes activations to int8 at run time
+            and uses integer dot products (the fast path on CPUs); None/0 dequantizes to fp32.
         check: raise ``PlanConformanceError`` if the result does not carry the plan.
 
     Returns:
@@ -359,7 +362,8 @@ def apply_plan_onnx(
             keep = set(by_dtype["int4"])
             others = [n.name for n in cur.graph.node if n.op_type == "MatMul" and n.name not in keep]
             q = MatMulNBitsQuantizer(cur, bits=4, block_size=int4_block_size, is_symmetric=True,
-                                     nodes_to_exclude=others, op_types_to_quantize=("MatMul",))
+                                     accuracy_level=int4_accuracy_level, nodes_to_exclude=others,
+                                     op_types_to_quantize=("MatMul",))
             q.process()
             cur = q.model.model
         fp16_groups = {m for m, d in resolved.items() if d == "fp16"}
