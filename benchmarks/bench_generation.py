@@ -5,7 +5,8 @@ One run measures, on the same model and machine and at the same thread count:
 - ``hf_fp32``: ``MusicgenForConditionalGeneration.generate`` in fp32; ``hf_bf16dec``: the same with
   the text encoder and decoder in bf16 (EnCodec fp32);
 - ``ort_fp32``, ``ort_paper`` (T5 int8, decoder fp16, EnCodec fp32), ``ort_int8dec`` (T5 and decoder
-  int8): ``musicgen.runtime.MusicgenOnnx`` over bundles written by ``musicgen.export``;
+  int8), ``ort_int4dec`` (T5 int8, decoder 4-bit ``MatMulNBits``): ``musicgen.runtime.MusicgenOnnx``
+  over bundles written by ``musicgen.export``;
 
 all greedy with guidance 3, batch 1, N new tokens. Each measurement runs in its own process (so that
 its peak RSS is its own), implementations alternate within each repeat, and the reported figure is
@@ -43,7 +44,7 @@ sys.path.insert(0, str(ROOT))
 
 RESULTS = ROOT / "benchmarks" / "results" / "generation.csv"
 FIELDS = ["op", "impl", "shape", "metric", "median", "p20", "p80", "machine", "commit", "load"]
-ORT_IMPLS = {"ort_fp32": "fp32", "ort_paper": "paper", "ort_int8dec": "int8dec"}
+ORT_IMPLS = {"ort_fp32": "fp32", "ort_paper": "paper", "ort_int8dec": "int8dec", "ort_int4dec": "int4dec"}
 HF_IMPLS = ("hf_fp32", "hf_bf16dec")
 
 
@@ -101,7 +102,13 @@ def plans():
     from kdq.quant import Plan
     from musicgen.plans import paper_plan
 
-    return {"fp32": "fp32", "paper": paper_plan(), "int8dec": Plan({"text_encoder": "int8", "decoder": "int8", "audio_encoder": "fp32"})}
+    return {
+        "fp32": "fp32",
+        "paper": paper_plan(),
+        "int8dec": Plan({"text_encoder": "int8", "decoder": "int8", "audio_encoder": "fp32"}),
+        # 4-bit weight-only MatMulNBits in the decoder (its embedding tables int8), T5 int8
+        "int4dec": Plan({"text_encoder": "int8", "decoder": "int4", "audio_encoder": "fp32"}),
+    }
 
 
 def streamed_bytes_per_step(decoder_file: Path) -> int:
@@ -109,17 +116,17 @@ def streamed_bytes_per_step(decoder_file: Path) -> int:
     embedding gathers (which read a few rows)."""
     import onnx
 
-    from kdq.export.precision import _initializers, _tensor_bytes, weight_input
+    from kdq.export.precision import initializers, tensor_bytes, weight_input
 
     m = onnx.load(str(decoder_file))
-    inits = _initializers(m.graph)
+    inits = initializers(m.graph)
     if_node = next(n for n in m.graph.node if n.op_type == "If")
     cached = next(a.g for a in if_node.attribute if a.name == "then_branch")
     total = 0
     for node in cached.node:
         w = weight_input(node, inits)
         if w is not None and not node.op_type.startswith("Gather"):
-            total += _tensor_bytes(w)
+            total += tensor_bytes(w)
     return total
 
 
@@ -206,7 +213,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=128, help="new tokens (50 per second of audio, 3 fewer frames)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--impls", default="hf_fp32,hf_bf16dec,ort_fp32,ort_paper,ort_int8dec")
+    ap.add_argument("--impls", default="hf_fp32,hf_bf16dec,ort_fp32,ort_paper,ort_int8dec,ort_int4dec")
     ap.add_argument("--workdir", default=None, help="keep model and bundles here (default: a temporary folder)")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--impl", help=argparse.SUPPRESS)
@@ -238,7 +245,11 @@ def main() -> None:
             bundle = work / f"bundle_{name}"
             if not (bundle / "export_report.json").is_file():
                 t = time.perf_counter()
-                export_bundle(str(model_dir), bundle, plan=all_plans[name], progress=False)
+                try:
+                    export_bundle(str(model_dir), bundle, plan=all_plans[name], progress=False)
+                except Exception as exc:  # noqa: BLE001 - report and go on with the other bundles
+                    print(f"export {name} failed: {type(exc).__name__}: {str(exc)[:500]}", flush=True)
+                    continue
                 print(f"exported {name} in {time.perf_counter() - t:.1f}s", flush=True)
             bundles[impl] = bundle
             report = json.loads((bundle / "export_report.json").read_text())

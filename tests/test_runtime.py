@@ -28,6 +28,12 @@ from musicgen.tiny import save_tiny_musicgen  # noqa: E402
 PROMPTS = ["a calm piano chorale", "lively folk dance with violin and flute"]
 
 
+def _text_inputs(tok, prompts):
+    """input_ids and attention_mask only (tokenizers saved by transformers 5 add token_type_ids in 4.5x)."""
+    enc = tok(prompts, return_tensors="pt", padding=True)
+    return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+
+
 @pytest.fixture(scope="module")
 def tiny_bundle(tmp_path_factory):
     root = tmp_path_factory.mktemp("musicgen")
@@ -73,7 +79,7 @@ def test_greedy_cfg_matches_transformers_generate(tiny_bundle, reference):
     _, bundle, _ = tiny_bundle
     model, tok = reference
     n = 24
-    inputs = tok(PROMPTS, return_tensors="pt", padding=True)
+    inputs = _text_inputs(tok, PROMPTS)
     with torch.no_grad():
         ref = model.generate(**inputs, do_sample=False, guidance_scale=3.0, max_new_tokens=n).numpy()
     rt = MusicgenOnnx(bundle, threads=1)
@@ -92,7 +98,7 @@ def test_greedy_cfg_matches_transformers_generate(tiny_bundle, reference):
 def test_no_guidance_matches_generate(tiny_bundle, reference):
     _, bundle, _ = tiny_bundle
     model, tok = reference
-    inputs = tok(PROMPTS[:1], return_tensors="pt")
+    inputs = _text_inputs(tok, PROMPTS[:1])
     with torch.no_grad():
         ref = model.generate(**inputs, do_sample=False, guidance_scale=1.0, max_new_tokens=12).numpy()
     audio = MusicgenOnnx(bundle).generate(PROMPTS[:1], max_new_tokens=12, guidance_scale=1.0)
@@ -157,7 +163,7 @@ def test_bad_arguments_are_typed(tiny_bundle, tmp_path):
     with pytest.raises(GenerationArgError, match="max_new_tokens"):
         rt.generate("piano", max_new_tokens=5)
     with pytest.raises(GenerationArgError, match="temperature"):
-        rt.generate("piano", max_new_tokens=8, do_sample=True, temperature=0.0)
+        rt.generate("piano", max_new_tokens=12, do_sample=True, temperature=0.0)
 
 
 def test_write_wav_roundtrip(tmp_path):
@@ -187,3 +193,19 @@ def test_failed_export_leaves_previous_bundle(tiny_bundle, tmp_path, monkeypatch
         export_bundle(str(model_dir), out, progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
+
+
+def test_projected_encoder_states_match_generate(tmp_path):
+    """T5 width != decoder width: the decoder graph carries enc_to_dec_proj and the mask product."""
+    from transformers import AutoTokenizer, MusicgenForConditionalGeneration
+
+    model_dir = save_tiny_musicgen(tmp_path / "model", seed=1, text_hidden=48)
+    export_bundle(str(model_dir), tmp_path / "bundle", progress=False)
+    model = MusicgenForConditionalGeneration.from_pretrained(model_dir).eval()
+    assert model.enc_to_dec_proj is not None
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    inputs = _text_inputs(tok, PROMPTS)
+    with torch.no_grad():
+        ref = model.generate(**inputs, do_sample=False, guidance_scale=3.0, max_new_tokens=12).numpy()
+    audio = MusicgenOnnx(tmp_path / "bundle").generate(PROMPTS, max_new_tokens=12, guidance_scale=3.0)
+    np.testing.assert_allclose(audio, ref, atol=1e-4, rtol=0)

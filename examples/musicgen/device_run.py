@@ -26,7 +26,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kdq.errors import KdqError, bad_value
-from musicgen.runtime import PARTS, MusicgenOnnx, Timings, write_wav
+from musicgen.runtime import MIN_FRAMES, MusicgenOnnx, Timings, write_wav
 
 
 class DeviceRunError(KdqError):
@@ -111,7 +111,7 @@ def device_run(
     load_s = time.perf_counter() - t
     gen = rt.generation_config
     k = rt.num_codebooks
-    max_new_tokens = max(2 * k - 1, round(seconds * rt.frame_rate) + k - 1)
+    max_new_tokens = max(k - 1 + MIN_FRAMES, round(seconds * rt.frame_rate) + k - 1)
     guidance = guidance_scale if guidance_scale is not None else gen.get("guidance_scale", 3.0)
     timings = Timings()
     t = time.perf_counter()

@@ -58,7 +58,6 @@ def _decoder_example(model, *, batch: int, text_len: int, past_len: int, seq: in
     k = dec.num_codebooks
     b2 = 2 * batch
     text_hidden = model.text_encoder.config.hidden_size
-    cross_hidden = dec.hidden_size
     heads = dec.num_attention_heads
     head_dim = dec.hidden_size // heads
     feed: dict[str, torch.Tensor] = {
@@ -72,7 +71,6 @@ def _decoder_example(model, *, batch: int, text_len: int, past_len: int, seq: in
         for name in kv_names(dec.num_hidden_layers, "past_key_values"):
             length = past_len if ".decoder." in name else text_len
             feed[name] = torch.randn(b2, heads, length, head_dim, generator=g)
-    del cross_hidden
     return feed
 
 
@@ -156,9 +154,14 @@ def _merged_checks(model, *, seed: int = 10) -> tuple[list[dict], list[dict]]:
     return first, cached
 
 
-def _bundle_config(model, dtypes: dict[str, str]) -> dict[str, Any]:
+def _bundle_config(model, dtypes: dict[str, str], kv_cache_dtype: str = "float32") -> dict[str, Any]:
+    """``config.json``: the model config plus the per-file dtypes (and the KV cache dtype of the
+    decoder's variant) where transformers.js reads them."""
     cfg = model.config.to_dict()
-    cfg["transformers.js_config"] = {"dtype": {part: TJS_DTYPE[d] for part, d in dtypes.items()}}
+    tjs: dict[str, Any] = {"dtype": {part: TJS_DTYPE[d] for part, d in dtypes.items()}}
+    if kv_cache_dtype != "float32":
+        tjs["kv_cache_dtype"] = {TJS_DTYPE[dtypes["decoder_model_merged"]]: kv_cache_dtype}
+    cfg["transformers.js_config"] = tjs
     return cfg
 
 
@@ -242,7 +245,8 @@ def export_bundle(model: str | Path | Any, out: str | Path, *, plan: Any = "fp32
             report["parts"][part] = entry
         report["bundle_bytes"] = sum(e["bytes"] for e in report["parts"].values())
         shutil.rmtree(work)
-        write_text_atomic(stage / "config.json", json.dumps(_bundle_config(model_obj, dtypes), indent=2))
+        kv = plan_report["parts"]["decoder_model_merged"]["kv_cache_dtype"] if plan_report else "float32"
+        write_text_atomic(stage / "config.json", json.dumps(_bundle_config(model_obj, dtypes, kv), indent=2))
         write_text_atomic(stage / "generation_config.json", json.dumps(model_obj.generation_config.to_dict(), indent=2))
         if tok is not None:
             tok.save_pretrained(stage)

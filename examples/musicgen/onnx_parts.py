@@ -99,7 +99,9 @@ class DecoderStep(nn.Module):
             return_dict=True,
             **{self.cache_kw: make_cache(layers)},
         )
-        cache = getattr(out, "cache", None) or out.past_key_values
+        cache = getattr(out, "cache", None)
+        if cache is None:  # transformers 4.5x
+            cache = out.past_key_values
         return (out.logits, *cache_tensors(cache))
 
 

@@ -21,6 +21,7 @@ import numpy as np
 from kdq.errors import KdqError, bad_value
 
 PARTS = ("text_encoder", "decoder_model_merged", "encodec_decode")
+MIN_FRAMES = 7  # EnCodec's first conv (kernel 7) pads by reflection; below 7 frames PyTorch pads differently
 SUFFIX = {"fp32": "", "fp16": "_fp16", "q8": "_quantized", "int8": "_quantized", "q4": "_q4", "int4": "_q4"}
 _NP = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64, "tensor(bool)": np.bool_}
 
@@ -200,8 +201,12 @@ class MusicgenOnnx:
     ) -> np.ndarray:
         """The decoder loop: returns audio codes (B, K, frames), frames = max_new_tokens - (K - 1)."""
         k = self.num_codebooks
-        if max_new_tokens < 2 * k - 1:
-            raise bad_value(GenerationArgError, "max_new_tokens", max_new_tokens, f">= {2 * k - 1} (2 * codebooks - 1) for the delay pattern")
+        least = k - 1 + MIN_FRAMES
+        if max_new_tokens < least:
+            raise bad_value(GenerationArgError, "max_new_tokens", max_new_tokens,
+                            f">= {least}: codebooks - 1 delay steps plus {MIN_FRAMES} frames, the shortest input the exported "
+                            "EnCodec graph decodes like PyTorch (its first convolution's reflect padding takes another "
+                            "branch below that length)")
         if do_sample and temperature <= 0:
             raise bad_value(GenerationArgError, "temperature", temperature, "> 0 when sampling", "use do_sample=False for greedy")
         if not 0 < top_p <= 1:

@@ -102,16 +102,17 @@ def _walk(graph) -> Iterator[Any]:
                 yield from _walk(g)
 
 
-def _initializers(graph, into: dict[str, Any] | None = None) -> dict[str, Any]:
+def initializers(graph, into: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Name -> initializer over a graph and its subgraphs (``If`` branches)."""
     into = {} if into is None else into
     for t in graph.initializer:
         into[t.name] = t
     for node in graph.node:
         for attr in node.attribute:
             if attr.g.node:
-                _initializers(attr.g, into)
+                initializers(attr.g, into)
             for g in attr.graphs:
-                _initializers(g, into)
+                initializers(g, into)
     return into
 
 
@@ -171,7 +172,7 @@ def node_dtypes(model) -> dict[str, tuple[str, bool]]:
                     collect(g)
 
     collect(typed.graph)
-    inits = _initializers(model.graph)
+    inits = initializers(model.graph)
     out: dict[str, tuple[str, bool]] = {}
     for node in _walk(model.graph):
         w = weight_input(node, inits)
@@ -215,7 +216,8 @@ class PrecisionReport:
                 "violations": [list(v) for v in self.violations[:20]]}
 
 
-def _tensor_bytes(t) -> int:
+def tensor_bytes(t) -> int:
+    """Bytes of an initializer's data (``TensorProto``)."""
     import numpy as np
     from onnx import helper
 
@@ -223,7 +225,7 @@ def _tensor_bytes(t) -> int:
     return n * np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
 
 
-def _resolve(plan: Any, nodes_to_module: Mapping[str, str]) -> dict[str, str]:
+def resolve_nodes(plan: Any, nodes_to_module: Mapping[str, str]) -> dict[str, str]:
     """Module -> dtype for every module owning nodes; "" (outside every module) gets the default."""
     modules = sorted({m for m in nodes_to_module.values() if m})
     resolved = dict(plan.resolve(modules)) if modules else {}
@@ -251,9 +253,9 @@ def check_conformance(
 
     blocked_ops = set(float16.DEFAULT_OP_BLOCK_LIST if fp16_op_block_list is None else fp16_op_block_list)
     mods = node_modules(model, module_names, prefix=prefix)
-    resolved = _resolve(plan, mods)
+    resolved = resolve_nodes(plan, mods)
     carried = node_dtypes(model)
-    inits = _initializers(model.graph)
+    inits = initializers(model.graph)
     rules = {}
     for m, d in resolved.items():
         if m:
@@ -271,7 +273,7 @@ def check_conformance(
             nodes[have] += 1
             w = weight_input(node, inits)
             if w is not None:
-                wbytes[have] += _tensor_bytes(w)
+                wbytes[have] += tensor_bytes(w)
             if want == "int4" and have == "int8" and node.op_type == "Gather":
                 kept["Gather(int4->int8)"] += 1
             elif have != want:
@@ -292,8 +294,9 @@ def apply_plan_onnx(
     module_names: Iterable[str],
     *,
     prefix: str = "",
-    keep_io_types: bool = True,
+    keep_io_types: bool | list[str] = True,
     int4_block_size: int = 32,
+    int4_accuracy_level: int | None = 4,
     check: bool = True,
 ):
     """Convert an fp32 ``onnx.ModelProto`` to the dtypes ``plan`` assigns to its nodes' modules.
@@ -303,8 +306,11 @@ def apply_plan_onnx(
         plan: a ``kdq.quant.Plan``; it is read, never changed.
         module_names: the torch model's module names (``[n for n, _ in model.named_modules()]``).
         prefix: the module the graph's scopes are relative to (see ``node_modules``).
-        keep_io_types: keep float graph inputs and outputs in fp32 (else fp16 when fp16 is used).
+        keep_io_types: keep float graph inputs and outputs in fp32 (``True``), convert them all to fp16
+            when fp16 is used (``False``), or keep only the listed names in fp32.
         int4_block_size: block size of 4-bit weights (``MatMulNBits``).
+        int4_accuracy_level: ``MatMulNBits`` compute type: 4 quantizes activations to int8 at run time
+            and uses integer dot products (the fast path on CPUs); None/0 dequantizes to fp32.
         check: raise ``PlanConformanceError`` if the result does not carry the plan.
 
     Returns:
@@ -318,7 +324,7 @@ def apply_plan_onnx(
 
     module_names = list(module_names)
     mods = node_modules(model, module_names, prefix=prefix)
-    resolved = _resolve(plan, mods)
+    resolved = resolve_nodes(plan, mods)
     bad = sorted({d for d in resolved.values() if d not in SUPPORTED})
     if bad:
         users = sorted(m for m, d in resolved.items() if d in bad)[:5]
@@ -326,7 +332,7 @@ def apply_plan_onnx(
             f"plan assigns {bad} to {users}...; ONNX export supports {SUPPORTED}: ONNX Runtime's CPU and "
             "mobile builds have no bf16 kernels; assign fp16 (phones) or fp32 to these modules"
         )
-    inits = _initializers(model.graph)
+    inits = initializers(model.graph)
     by_dtype: dict[str, list[str]] = {d: [] for d in SUPPORTED}
     for node in model.graph.node:
         if weight_input(node, inits) is not None:
@@ -356,7 +362,8 @@ def apply_plan_onnx(
             keep = set(by_dtype["int4"])
             others = [n.name for n in cur.graph.node if n.op_type == "MatMul" and n.name not in keep]
             q = MatMulNBitsQuantizer(cur, bits=4, block_size=int4_block_size, is_symmetric=True,
-                                     nodes_to_exclude=others, op_types_to_quantize=("MatMul",))
+                                     accuracy_level=int4_accuracy_level, nodes_to_exclude=others,
+                                     op_types_to_quantize=("MatMul",))
             q.process()
             cur = q.model.model
         fp16_groups = {m for m, d in resolved.items() if d == "fp16"}
@@ -380,6 +387,19 @@ def apply_plan_onnx(
             report.violations,
         )
     return cur, report
+
+
+def planned_weight_bytes(model, plan: Any, module_names: Iterable[str], *, prefix: str = "") -> dict[str, int]:
+    """fp32 bytes of the weights that ``model`` 's weighted nodes read, by the dtype ``plan`` assigns them."""
+    mods = node_modules(model, module_names, prefix=prefix)
+    resolved = resolve_nodes(plan, mods)
+    inits = initializers(model.graph)
+    out: Counter[str] = Counter()
+    for node in _walk(model.graph):
+        w = weight_input(node, inits)
+        if w is not None:
+            out[resolved.get(mods.get(node.name, ""), "fp32")] += tensor_bytes(w)
+    return dict(out)
 
 
 def topological_sort(graph) -> None:
