@@ -240,7 +240,7 @@ def write_tones(root: Path, split: str, per_class: int, seed: int, seconds: floa
                 x += 0.02 * rng.normal(size=t.shape)
                 name = f"{pitch}_{pulse}_{i}.wav"
                 sf.write(root / split / name, x.astype(np.float32), SR)
-                rows.append({"file_name": name, "text": f"a {pitch} pitched tone with {pulse} pulses"})
+                rows.append({"file_name": name, "text": f"a {pitch} pitched tone with {pulse} pulses", "tempo": pulse})
     write_metadata(root, split, rows)
 
 
@@ -263,6 +263,9 @@ def test_clap_mini_beats_chance_on_held_out_clips(clap_mini):
     assert r["text_to_audio_chance@1"] == pytest.approx(0.25) and r["audio_to_text_chance@1"] == pytest.approx(0.25)
     assert r["text_to_audio_R@1"] >= 0.5  # 2x chance; 0.75-1.0 over seeds 0-3
     assert r["audio_to_text_R@1"] >= 0.6  # 2.4x chance; 0.85-0.9 over seeds 0-3
+    # Per-attribute recall (metadata "tempo" = pulse rate): 2 values, chance 10/20 clips.
+    assert r["text_to_audio_tempo_chance@1"] == pytest.approx(0.5)
+    assert r["text_to_audio_tempo_R@1"] >= r["text_to_audio_R@1"]  # a caption hit is also a tempo hit
 
 
 def test_clap_mini_is_named_a_proxy_and_caches(clap_mini, tones_root):
