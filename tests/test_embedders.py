@@ -335,3 +335,15 @@ def test_evaluate_cli_writes_json(clap_mini, tones_root, tmp_path):
     # Sanity: FAD of the test split against itself under the same embedder is ~0.
     a = clap_mini.fad_embeddings([sine(300), sine(900), noise()], SR)
     assert frechet_distance(a, a) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_demo_degradation_removes_highs_and_adds_noise():
+    from musicgen.metrics_demo import degrade
+
+    x = sine(3000.0, 1.0) + sine(300.0, 1.0)
+    y = degrade(x, SR, seed=0)
+    spec_x, spec_y = np.abs(np.fft.rfft(x)), np.abs(np.fft.rfft(y))
+    assert y.shape == x.shape and y.dtype == np.float32
+    assert spec_y[3000] < 0.05 * spec_x[3000]  # 1 Hz bins: the 3 kHz tone is gone
+    assert spec_y[300] > 0.8 * spec_x[300]  # the 300 Hz tone stays
+    assert np.std(y - degrade(x, SR, seed=1)) > 0  # seeded noise

@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> dict:
     from kdq.metrics import retention_table
     from musicgen.data import RenderConfig, render_dataset
     from musicgen.embedders import EncodecEmbedder, train_clap_mini
-    from musicgen.evaluate import _write_json, evaluate, format_table, load_clips, offline_embedders
+    from musicgen.evaluate import write_json, evaluate, format_table, load_clips, offline_embedders
     from musicgen.tiny import build_tiny_musicgen
 
     torch.set_num_threads(args.threads)
@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> dict:
         "note": "encodec-tiny-random = the tiny random MusicGen's EnCodec (latents of an untrained codec); clap-mini is a proxy "
                 "trained here, not LAION CLAP. Values are not comparable across embedders or with the paper.",
     }
-    _write_json(out / "results.json", doc)
+    write_json(out / "results.json", doc)
     r = clap_mini.info.get("retrieval", {})
     print(f"clap-mini (proxy) held-out retrieval on {r.get('n_clips')} clips / {r.get('n_captions')} captions: "
           f"text->audio R@1 {r.get('text_to_audio_R@1', 0):.2f} (chance {r.get('text_to_audio_chance@1', 0):.2f}), "
