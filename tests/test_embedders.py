@@ -240,7 +240,7 @@ def write_tones(root: Path, split: str, per_class: int, seed: int, seconds: floa
                 x += 0.02 * rng.normal(size=t.shape)
                 name = f"{pitch}_{pulse}_{i}.wav"
                 sf.write(root / split / name, x.astype(np.float32), SR)
-                rows.append({"file_name": name, "text": f"a {pitch} pitched tone with {pulse} pulses"})
+                rows.append({"file_name": name, "text": f"a {pitch} pitched tone with {pulse} pulses", "tempo": pulse})
     write_metadata(root, split, rows)
 
 
@@ -263,6 +263,9 @@ def test_clap_mini_beats_chance_on_held_out_clips(clap_mini):
     assert r["text_to_audio_chance@1"] == pytest.approx(0.25) and r["audio_to_text_chance@1"] == pytest.approx(0.25)
     assert r["text_to_audio_R@1"] >= 0.5  # 2x chance; 0.75-1.0 over seeds 0-3
     assert r["audio_to_text_R@1"] >= 0.6  # 2.4x chance; 0.85-0.9 over seeds 0-3
+    # Per-attribute recall (metadata "tempo" = pulse rate): 2 values, chance 10/20 clips.
+    assert r["text_to_audio_tempo_chance@1"] == pytest.approx(0.5)
+    assert r["text_to_audio_tempo_R@1"] >= r["text_to_audio_R@1"]  # a caption hit is also a tempo hit
 
 
 def test_clap_mini_is_named_a_proxy_and_caches(clap_mini, tones_root):
@@ -332,3 +335,15 @@ def test_evaluate_cli_writes_json(clap_mini, tones_root, tmp_path):
     # Sanity: FAD of the test split against itself under the same embedder is ~0.
     a = clap_mini.fad_embeddings([sine(300), sine(900), noise()], SR)
     assert frechet_distance(a, a) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_demo_degradation_removes_highs_and_adds_noise():
+    from musicgen.metrics_demo import degrade
+
+    x = sine(3000.0, 1.0) + sine(300.0, 1.0)
+    y = degrade(x, SR, seed=0)
+    spec_x, spec_y = np.abs(np.fft.rfft(x)), np.abs(np.fft.rfft(y))
+    assert y.shape == x.shape and y.dtype == np.float32
+    assert spec_y[3000] < 0.05 * spec_x[3000]  # 1 Hz bins: the 3 kHz tone is gone
+    assert spec_y[300] > 0.8 * spec_x[300]  # the 300 Hz tone stays
+    assert np.std(y - degrade(x, SR, seed=1)) > 0  # seeded noise

@@ -557,23 +557,38 @@ def _fingerprint(clips: list, extra: dict) -> str:
     return h.hexdigest()[:16]
 
 
-def clap_mini_retrieval(embedder: AudioEmbedder, audio: list[np.ndarray], texts: list[str], sample_rate: int) -> dict:
-    """Held-out retrieval recall: text->audio (unique captions vs clips) and audio->text.
+def clap_mini_retrieval(
+    embedder: AudioEmbedder,
+    audio: list[np.ndarray],
+    texts: list[str],
+    sample_rate: int,
+    *,
+    attributes: dict[str, list] | None = None,
+) -> dict:
+    """Held-out retrieval recall of a joint text-audio embedder.
 
-    A hit is any retrieved clip (or caption) carrying the query's caption; ``chance@k`` is reported
-    alongside because captions repeat.
+    ``text_to_audio_R@k``: each distinct caption retrieves clips, a hit being a clip with that caption;
+    ``audio_to_text_R@k``: each clip ranks the distinct captions. ``chance@k`` is reported alongside
+    because captions repeat. With ``attributes`` (e.g. ``{"instrument": [...]}``, one value per clip),
+    ``text_to_audio_<name>_R@1`` counts a hit when the top clip shares the caption's attribute value,
+    which shows what the model has learned (instrument, tempo, style) separately.
     """
     a = embedder.embed(audio, sample_rate)
     unique = sorted(set(texts))
     t = embedder.embed_text(unique)
     t2a = retrieval_recall(t, a, query_labels=unique, key_labels=texts)
     a2t = retrieval_recall(a, t, query_labels=texts, key_labels=unique)
-    return {
+    out = {
         "n_clips": len(texts),
         "n_captions": len(unique),
         **{f"text_to_audio_{k}": v for k, v in t2a.items()},
         **{f"audio_to_text_{k}": v for k, v in a2t.items()},
     }
+    for name, values in (attributes or {}).items():
+        of_caption = dict(zip(texts, values))
+        r = retrieval_recall(t, a, query_labels=[of_caption[u] for u in unique], key_labels=list(values), ks=(1,))
+        out[f"text_to_audio_{name}_R@1"], out[f"text_to_audio_{name}_chance@1"] = r["R@1"], r["chance@1"]
+    return out
 
 
 def train_clap_mini(
@@ -688,7 +703,9 @@ def _train_clap_mini(root, out_dir, eval_split, settings, max_seconds, config, p
     if eval_split is not None:
         held = read_split(root, eval_split)
         audio = [load_audio(c.path, cfg.sample_rate) for c in held]
-        info["retrieval"] = {"split": eval_split, **clap_mini_retrieval(embedder, audio, [c.text for c in held], cfg.sample_rate)}
+        attrs = {k: [c.meta[k] for c in held] for k in ("instrument", "tempo", "source") if all(k in c.meta for c in held)}
+        info["retrieval"] = {"split": eval_split,
+                             **clap_mini_retrieval(embedder, audio, [c.text for c in held], cfg.sample_rate, attributes=attrs)}
     if out_dir is not None:
         embedder.save(out_dir)
     return embedder

@@ -170,7 +170,8 @@ def format_table(results: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-def _write_json(path: Path, doc: dict) -> None:
+def write_json(path: Path, doc: dict) -> None:
+    """Write ``doc`` as JSON atomically (temp file + rename)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     with os.fdopen(fd, "w") as f:
@@ -215,7 +216,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     for name, why in result["unavailable"].items():
         print(f"{name}: unavailable: {why}")
     if args.out:
-        _write_json(Path(args.out), result)
+        write_json(Path(args.out), result)
     return result
 
 

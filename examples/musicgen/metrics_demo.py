@@ -11,10 +11,11 @@ quality is known by construction, which shows what each score responds to:
 The reference set for FAD is the ``test`` split (other pieces). Steps: render a small mini-world
 dataset (``musicgen.data``: music21 pieces through a General MIDI SoundFont), train ``clap-mini``
 (the offline CLAP proxy) on its ``train`` split and report its held-out retrieval, then score each
-set with clap-mini and with codec latents of the tiny MusicGen's random EnCodec (the only other
-embedders that load offline here; CLAP and VGGish are listed with the reason they are unavailable,
-or used when ``--clap``/``--vggish`` point at local weights). Retention of each set is reported
-against ``clean`` as the baseline.
+set with clap-mini and with codec latents (``--codec`` for a trained EnCodec or MusicGen folder;
+by default the tiny MusicGen's untrained EnCodec, keyed ``encodec-tiny-random``, which shows the
+plumbing but carries little information). CLAP and VGGish are listed with the reason they are
+unavailable, or used when ``--clap``/``--vggish`` point at local weights. Retention of each set is
+reported against ``clean`` as the baseline.
 
     flock /tmp/kdq-heavy.lock python examples/musicgen/metrics_demo.py --out runs/metrics_demo
 """
@@ -46,9 +47,10 @@ def degrade(clip: np.ndarray, sample_rate: int, *, seed: int) -> np.ndarray:
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description="FAD and CLAP score of rendered clip sets (see module docstring)")
     p.add_argument("--out", default="runs/metrics_demo")
-    p.add_argument("--pieces", default="bach=40,folk=20", help="mini-world pieces per source")
+    p.add_argument("--pieces", default="bach=100,folk=50", help="mini-world pieces per source")
     p.add_argument("--sample-rate", type=int, default=16000)
-    p.add_argument("--clap-mini-steps", type=int, default=1500)
+    p.add_argument("--clap-mini-steps", type=int, default=1000)
+    p.add_argument("--codec", help="EnCodec or MusicGen folder (default: the tiny random MusicGen's EnCodec)")
     p.add_argument("--bootstrap", type=int, default=200)
     p.add_argument("--clap", help="local CLAP folder, if any")
     p.add_argument("--vggish", help="local VGGish safetensors, if any")
@@ -60,7 +62,7 @@ def main(argv: list[str] | None = None) -> dict:
     from kdq.metrics import retention_table
     from musicgen.data import RenderConfig, render_dataset
     from musicgen.embedders import EncodecEmbedder, train_clap_mini
-    from musicgen.evaluate import _write_json, evaluate, format_table, load_clips, offline_embedders
+    from musicgen.evaluate import write_json, evaluate, format_table, load_clips, offline_embedders
     from musicgen.tiny import build_tiny_musicgen
 
     torch.set_num_threads(args.threads)
@@ -75,9 +77,12 @@ def main(argv: list[str] | None = None) -> dict:
 
     t0 = time.perf_counter()
     clap_mini = train_clap_mini(data, out_dir=out / "clap-mini", steps=args.clap_mini_steps, eval_split="test",
-                                num_threads=args.threads)
+                                weight_decay=0.05, spec_augment=True, num_threads=args.threads)
     train_s = time.perf_counter() - t0
-    codec = EncodecEmbedder(build_tiny_musicgen(0).audio_encoder, name="encodec")
+    if args.codec:
+        codec = EncodecEmbedder.from_pretrained(args.codec)
+    else:  # an untrained codec: its latents carry little information (kept to show the plumbing)
+        codec = EncodecEmbedder(build_tiny_musicgen(0).audio_encoder, name="encodec-tiny-random")
     embedders, missing = offline_embedders(clap=args.clap, vggish=args.vggish or "(no local VGGish weights)",
                                            codec=codec, clap_mini=clap_mini)
 
@@ -90,21 +95,24 @@ def main(argv: list[str] | None = None) -> dict:
         "mismatched": (clean, [prompts[i] for i in rng.permutation(len(prompts))]),
     }
     results = {}
+    t1 = time.perf_counter()
     for name, (audio, texts) in sets.items():
         results[name] = evaluate(audio, texts, reference, sample_rate=sr, embedders=embedders, bootstrap=args.bootstrap)
     for name in ("degraded", "mismatched"):
         results[name].update(retention_table(results["clean"], results[name]))
 
+    eval_s = time.perf_counter() - t1
     doc = {
+        "eval_seconds": round(eval_s, 1),
         "dataset": {k: stats.get(k) for k in ("pieces_rendered", "failures", "clips", "minutes", "distinct_captions", "render_seconds", "sample_rate")},
         "n_valid": len(clean), "n_test": len(reference),
         "clap-mini-proxy": {"train_seconds_this_run": round(train_s, 1), **clap_mini.info},
         "unavailable": {k: v for k, v in missing.items() if v != "not requested"},
         "results": results,
-        "note": "encodec = random tiny MusicGen EnCodec (latents of an untrained codec); clap-mini is a proxy "
+        "note": "encodec-tiny-random = the tiny random MusicGen's EnCodec (latents of an untrained codec); clap-mini is a proxy "
                 "trained here, not LAION CLAP. Values are not comparable across embedders or with the paper.",
     }
-    _write_json(out / "results.json", doc)
+    write_json(out / "results.json", doc)
     r = clap_mini.info.get("retrieval", {})
     print(f"clap-mini (proxy) held-out retrieval on {r.get('n_clips')} clips / {r.get('n_captions')} captions: "
           f"text->audio R@1 {r.get('text_to_audio_R@1', 0):.2f} (chance {r.get('text_to_audio_chance@1', 0):.2f}), "
