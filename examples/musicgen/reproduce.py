@@ -818,7 +818,8 @@ def reproduce(preset: str = "mini", out: str | Path | None = None, *, force: set
         "training": {**{f"student_{m}": distilled[m]["curve"] for m in ("ce", "kd") if not distilled[m].get("skipped")},
                      **{f"{n} (CE pretraining)": c for n, c in (world.get("curves") or {}).items() if c}},
         "distill": {f"student_{m}": distilled[m].get("summary", distilled[m]) for m in ("ce", "kd")},
-        "stages": {**{f"world/{k}": {"wall_s": v.get("wall_seconds"), "cached": v.get("cached", False)}
+        "stages": {**{f"world/{k}": {"wall_s": v.get("wall_seconds"),
+                                     "cached": bool(v.get("cached")) or pipe.stages.get("world", {}).get("cached", False)}
                       for k, v in (world.get("world_stages") or {}).items()}, **pipe.stages},
         "total_wall_s": round(time.perf_counter() - t_all, 1),
         "versions": _versions(),
