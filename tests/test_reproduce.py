@@ -73,10 +73,15 @@ class _Sections(HTMLParser):
         self.audios += tag == "audio" and a["src"].startswith("data:audio/wav;base64,")
 
 
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    out = tmp_path_factory.mktemp("reproduce") / "smoke"
+    return out, reproduce("smoke", out, progress=False)
+
+
 @pytest.mark.slow
-def test_smoke_preset_end_to_end_then_cached(tmp_path):
-    out = tmp_path / "smoke"
-    results = reproduce("smoke", out, progress=False)
+def test_smoke_preset_end_to_end_then_cached(smoke):
+    out, results = smoke
     saved = json.loads((out / "results.json").read_text())  # strict JSON: no NaN or Infinity
     assert saved["preset"] == "smoke" and saved["command"]
     assert set(saved["variants"]) == set(VARIANT_NAMES)
@@ -117,3 +122,28 @@ def test_smoke_preset_end_to_end_then_cached(tmp_path):
     again = reproduce("smoke", out, progress=False)
     assert all(s["cached"] or s.get("skipped") for s in again["stages"].values()), again["stages"]
     assert again["variants"]["student_kd"] == results["variants"]["student_kd"]
+
+
+@pytest.mark.slow
+def test_paper_preset_code_path_on_local_checkpoints(smoke, tmp_path):
+    """The paper preset (checkpoints by path, a user's audiofolder dataset, tokens encoded here)."""
+    world = smoke[0] / "world"
+    overrides = {
+        "data": {"dataset": str(world / "render" / "data"), "clip_seconds": 2.0},
+        "world": {"teacher_id": str(world / "teacher" / "model"), "student_id": str(world / "student" / "model")},
+        "distill": {"steps": 3, "micro_batch": 2, "grad_accum": 2, "warmup_steps": 1, "checkpoint_every": 3,
+                    "bf16": "off"},
+        "plan": {"granularity": "part", "candidates": ["fp32", "int8"], "calibration_clips": 2},
+        "export": {"enabled": False},
+        "evaluate": {"prompts": 2, "seconds": 0.2, "clap_mini_steps": 0, "max_eval_clips": 4},
+    }
+    r = reproduce("paper", tmp_path / "paper", overrides=overrides, progress=False)
+    assert r["preset"] == "paper" and r["stand_in"] is None
+    assert r["data"]["source"] == "user dataset"
+    assert (tmp_path / "paper" / "tokens" / "train" / "codes.safetensors").exists()  # encoded here, not the world's
+    assert r["distill"]["student_kd"]["global_batch"] == 4
+    kd = r["variants"]["student_kd_kdq_plan"]
+    assert kd["bytes"] < r["variants"]["student_kd"]["bytes"] and kd["nll"] > 0
+    assert r["ort"] == {"skipped": "export disabled in this preset"}
+    assert r["embedders"] == {"encodec": "encodec"}  # offline, without a CLAP: FAD only
+    assert r["variants"]["student_kd"]["clap"] is None and r["variants"]["student_kd"]["fad"] is not None
