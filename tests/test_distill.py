@@ -262,7 +262,7 @@ def test_sigkill_mid_run_then_resume_is_bit_exact(world, tmp_path):
     proc.wait(timeout=30)
     assert proc.returncode == -signal.SIGKILL
     assert not (out / "summary.json").exists()
-    assert json.loads((out / "checkpoints" / "latest.json").read_text())["step"] in (2, 4)
+    assert json.loads((out / "checkpoints" / "latest.json").read_text())["step"] in (2, 4, 6)  # mid-way
 
     res = subprocess.run(_cli(world, out, *args), env=_env(), capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
