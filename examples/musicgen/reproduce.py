@@ -684,7 +684,9 @@ def _scores(embedders, audio, prompts, reference, sr, ref_cache: dict) -> dict:
             row[f"error_{key}"] = f"{type(err).__name__}: {str(err)[:200]}"
         if e.has_text:
             row.update(ev.clap_score_with(e, prompts, audio, sample_rate=sr))
-    fad_keys = [k for k in ("fad_clap", "fad_vggish", "fad_clap-mini-proxy", "fad_encodec") if row.get(k) is not None]
+    # frame-level embedders first: a few dozen clips give thousands of frames, a clip-level FAD on so few
+    # rows is mostly estimator bias
+    fad_keys = [k for k in ("fad_vggish", "fad_encodec", "fad_clap", "fad_clap-mini-proxy") if row.get(k) is not None]
     clap_keys = [k for k in ("clap_score_clap", "clap_score_clap-mini-proxy") if row.get(k) is not None]
     row["fad"] = row[fad_keys[0]] if fad_keys else None
     row["fad_embedder"] = fad_keys[0].removeprefix("fad_") if fad_keys else None
