@@ -249,7 +249,11 @@ def stage_world(cfg: dict, out: Path, preset: str, seed: int, progress: bool) ->
     try:
         world = _optional("musicgen.world", "the mini world (musicgen.world)")
         folder = out / "world"
-        summary = world.run_world(cfg.get("world_preset", preset), folder, progress=progress)
+        threads = torch.get_num_threads()
+        try:
+            summary = world.run_world(cfg.get("world_preset", preset), folder, progress=progress)
+        finally:
+            torch.set_num_threads(threads)  # run_world sets its own thread count for its stages
         paths = world.world_paths(folder)
         brief = {st: {k: v for k, v in f.items() if k not in ("curve", "samples")}
                  for st, f in summary.get("stages", {}).items()}
