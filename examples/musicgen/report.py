@@ -1,0 +1,439 @@
+"""results.json -> report.html: one self-contained page (inline PNG figures and WAV players).
+
+Sections (each has an ``id`` the tests look for):
+
+- ``headline``: the paper's figures (FAD 7.05, CLAP 0.343, 55% smaller, 93% retained) beside kdq's,
+  with the command that produced kdq's;
+- ``ablation``: every variant's bytes, size against fp32, FAD, CLAP score, held-out NLL, KL to the
+  teacher and retention (skipped variants say why);
+- ``figures``: training curves (loss and temperature per step), size against quality with both plans
+  on the planner's Pareto frontier, and the per-module sensitivity heat map;
+- ``ort``: the ONNX Runtime bundle's parity with PyTorch and the device run;
+- ``stages``: wall time per stage and what came from the cache;
+- ``audio``: the same prompts across variants, as ``<audio>`` players with the WAV inlined;
+- ``environment``: versions.
+
+Command line::
+
+    python examples/musicgen/report.py runs/mini/results.json [--out runs/mini/report.html]
+
+Missing parts are never invented: a figure whose data is absent is replaced by a line saying so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import html
+import io
+import json
+import math
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from kdq.errors import KdqError, bad_value
+
+#: TinyMusician's published figures (arXiv 2509.00914) for its combined model.
+PAPER = {"fad": 7.05, "clap": 0.343, "size_reduction": 0.55, "retention": 0.93}
+
+#: Variant order and one-line meanings.
+VARIANTS = {
+    "teacher": "the larger model distilled from",
+    "student_base": "the student as pretrained (MusicGen-small's analogue)",
+    "student_ce": "fine-tuned with cross-entropy only (same steps and data as KD): the control",
+    "student_kd": "fine-tuned with StageMixedKL against the teacher",
+    "student_base_paper_plan": "student_base under the paper's precision plan (quantization only)",
+    "student_kd_paper_plan": "TinyMusician: KD + T5 int8 / decoder fp16 / EnCodec fp32",
+    "student_kd_kdq_plan": "KD + kdq's planned precision, no larger than the paper plan",
+}
+
+SECTIONS = ("headline", "ablation", "figures", "ort", "stages", "audio", "environment")
+
+
+class ReportError(KdqError):
+    """A results file the report cannot read."""
+
+
+# -------------------------------------------------------------------------------------------- utils
+
+
+def _fmt(value: Any, digits: int = 3) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, bool):
+        return str(value)
+    if isinstance(value, int):
+        return f"{value:,}"
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "n/a"
+        if value != 0 and (abs(value) >= 1e4 or abs(value) < 10 ** -(digits)):
+            return f"{value:.{digits}g}"
+        return f"{value:.{digits}f}"
+    return html.escape(str(value))
+
+
+def _mb(n: int | None) -> str:
+    return "n/a" if n is None else f"{n / 1e6:.2f} MB"
+
+
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{100 * x:.1f}%"
+
+
+def _table(header: list[str], rows: list[list[str]], cls: str = "") -> str:
+    head = "".join(f"<th>{h}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in rows)
+    return f'<table class="{cls}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+
+
+def _png(fig) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def _figure(title: str, uri: str | None, why: str = "", caption: str = "") -> str:
+    if uri is None:
+        return f'<div class="figure missing"><h3>{html.escape(title)}</h3><p class="skip">not drawn: {html.escape(why)}</p></div>'
+    cap = f"<figcaption>{caption}</figcaption>" if caption else ""
+    return f'<figure class="figure"><h3>{html.escape(title)}</h3><img alt="{html.escape(title)}" src="{uri}">{cap}</figure>'
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
+
+
+# ------------------------------------------------------------------------------------------ figures
+
+
+def training_curves_png(curves: dict[str, list[dict]]) -> str | None:
+    """Left: the distillation runs (loss per step, StageMixedKL temperature on a second axis);
+    right: the teacher's and student's cross-entropy pretraining, when the results carry them."""
+    curves = {k: v for k, v in curves.items() if v}
+    if not curves:
+        return None
+    plt = _plt()
+    groups = [{k: v for k, v in curves.items() if "pretraining" not in k},
+              {k: v for k, v in curves.items() if "pretraining" in k}]
+    groups = [g for g in groups if g]
+    fig, axes = plt.subplots(1, len(groups), figsize=(6.5 * len(groups), 3.6), squeeze=False)
+    for ax, group in zip(axes[0], groups):
+        temp_ax = None
+        for name, rows in group.items():
+            ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], label=f"{name} loss", lw=1.3)
+            if any("temperature" in r for r in rows):
+                temp_ax = temp_ax or ax.twinx()
+                temp_ax.plot([r["step"] for r in rows], [r.get("temperature") for r in rows], ls="--", color="gray",
+                             lw=1, label=f"{name} temperature")
+                temp_ax.set_ylabel("temperature")
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("training loss (nats)")
+        ax.set_yscale("log")
+        lines, labels = ax.get_legend_handles_labels()
+        if temp_ax is not None:
+            l2, lb2 = temp_ax.get_legend_handles_labels()
+            lines, labels = lines + l2, labels + lb2
+        ax.legend(lines, labels, fontsize=8, loc="upper right")
+        ax.grid(alpha=0.3)
+    fig.subplots_adjust(wspace=0.45)
+    return _png(fig)
+
+
+def pareto_png(planner: dict, variants: dict) -> str | None:
+    """Bytes against predicted sensitivity: the frontier, the paper plan and kdq's plan."""
+    frontier = planner.get("frontier") or []
+    points = {k: planner.get(k) for k in ("fp32", "paper_plan", "kdq_plan") if isinstance(planner.get(k), dict)}
+    if not frontier and not points:
+        return None
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    ax = axes[0]
+    if frontier:
+        fb = [p["bytes"] / 1e6 for p in frontier]
+        fs = [p["sensitivity"] for p in frontier]
+        ax.step(fb, fs, where="post", color="C0", lw=1.2, label="Pareto frontier (planner)")
+        ax.scatter(fb, fs, s=8, color="C0")
+    marks = {"fp32": ("s", "k"), "paper_plan": ("D", "C3"), "kdq_plan": ("*", "C2")}
+    for key, p in points.items():
+        if p.get("bytes") is None or p.get("sensitivity") is None:
+            continue
+        m, c = marks[key]
+        ax.scatter([p["bytes"] / 1e6], [p["sensitivity"]], marker=m, color=c, s=90, zorder=5, label=key.replace("_", " "))
+    ax.set_xlabel("model bytes (MB)")
+    ax.set_ylabel("predicted sensitivity (sum of KL, lower is better)")
+    positive = [p["sensitivity"] for p in frontier if p["sensitivity"] > 0] + \
+        [p["sensitivity"] for p in points.values() if (p.get("sensitivity") or 0) > 0]
+    ax.set_yscale("symlog", linthresh=min(positive) if positive else 1e-6)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title("planner: predicted", fontsize=10)
+    # measured: bytes against CLAP score of every evaluated variant
+    ax = axes[1]
+    drawn = False
+    for i, (name, v) in enumerate(variants.items()):
+        if v.get("bytes") is None or v.get("clap") is None:
+            continue
+        ax.scatter([v["bytes"] / 1e6], [v["clap"]], color=f"C{i % 10}", s=50)
+        ax.annotate(name, (v["bytes"] / 1e6, v["clap"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        drawn = True
+    ax.set_xlabel("model bytes (MB)")
+    ax.set_ylabel("CLAP score (higher is better)")
+    ax.grid(alpha=0.3)
+    ax.set_title("variants: measured" if drawn else "variants: no CLAP scores", fontsize=10)
+    return _png(fig)
+
+
+def sensitivity_png(table: dict[str, dict[str, dict]]) -> str | None:
+    """Heat map of log10 sensitivity, groups (rows) by dtypes (columns)."""
+    if not table:
+        return None
+    import numpy as np
+
+    plt = _plt()
+    groups = list(table)
+    dtypes = sorted({d for g in table.values() for d in g if d != "fp32"}, key=lambda d: ("fp32", "bf16", "fp16", "int8", "int4").index(d)
+                    if d in ("fp32", "bf16", "fp16", "int8", "int4") else 99)
+    grid = np.full((len(groups), len(dtypes)), np.nan)
+    for i, g in enumerate(groups):
+        for j, d in enumerate(dtypes):
+            s = table[g].get(d, {}).get("sensitivity")
+            if s is not None:
+                grid[i, j] = math.log10(max(float(s), 1e-12))
+    fig, ax = plt.subplots(figsize=(1.6 + 1.1 * len(dtypes), 0.8 + 0.28 * len(groups)))
+    im = ax.imshow(grid, aspect="auto", cmap="magma_r")
+    ax.set_xticks(range(len(dtypes)), dtypes)
+    ax.set_yticks(range(len(groups)), groups, fontsize=7)
+    for i in range(len(groups)):
+        for j in range(len(dtypes)):
+            if not np.isnan(grid[i, j]):
+                ax.text(j, i, f"{grid[i, j]:.1f}", ha="center", va="center", fontsize=6,
+                        color="white" if grid[i, j] > np.nanmean(grid) else "black")
+    fig.colorbar(im, ax=ax, label="log10 sensitivity (KL to fp32)")
+    return _png(fig)
+
+
+# ------------------------------------------------------------------------------------------ sections
+
+
+def _headline(results: dict) -> str:
+    h = results.get("headline") or {}
+    cmd = html.escape(results.get("command", ""))
+    emb = h.get("embedder")
+    note = (f"kdq's FAD and CLAP score use the embedder <b>{html.escape(str(emb))}</b>; the paper used VGGish/LAION "
+            "CLAP on real MusicGen: figures from different embedders and models are not comparable, compare "
+            "the ratios." if emb else "")
+    rows = [
+        ["FAD (lower is better)", _fmt(PAPER["fad"], 2), _fmt(h.get("fad")), f"<code>{cmd}</code>"],
+        ["CLAP score (higher is better)", _fmt(PAPER["clap"]), _fmt(h.get("clap")), f"<code>{cmd}</code>"],
+        ["size reduction vs fp32", _pct(PAPER["size_reduction"]), _pct(h.get("size_reduction")), f"<code>{cmd}</code>"],
+        ["retention", _pct(PAPER["retention"]), _pct(h.get("retention")), f"<code>{cmd}</code>"],
+    ]
+    variant = html.escape(str(h.get("variant", "student_kd_paper_plan")))
+    baseline = html.escape(str(h.get("baseline", "student_base")))
+    definition = html.escape(str(h.get("retention_definition", "")))
+    return (f'<section id="headline"><h2>TinyMusician: paper against kdq</h2>'
+            f"<p>kdq column: variant <code>{variant}</code> against <code>{baseline}</code>. {definition}</p>"
+            + _table(["figure", "paper (TinyMusician)", "kdq (this run)", "command"], rows, "headline")
+            + f"<p class='note'>{note}</p></section>")
+
+
+def _ablation(results: dict) -> str:
+    variants = results.get("variants", {})
+    fp32 = (variants.get("student_base") or {}).get("bytes")
+    rows = []
+    for name in [*VARIANTS, *[v for v in variants if v not in VARIANTS]]:
+        v = variants.get(name)
+        if v is None:
+            continue
+        if v.get("skipped") and v.get("bytes") is None:
+            rows.append([f"<code>{name}</code>", html.escape(VARIANTS.get(name, "")),
+                         f'<span class="skip">skipped: {html.escape(str(v["skipped"]))}</span>', "", "", "", "", "", "", ""])
+            continue
+        size = _pct(1 - v["bytes"] / fp32) if fp32 and v.get("bytes") else "n/a"
+        ret = v.get("retention") or {}
+        ret_s = ", ".join(f"{k} {_pct(x)}" for k, x in ret.items() if isinstance(x, (int, float))) or "n/a"
+        extra = f' <span class="skip">({html.escape(str(v["skipped"]))})</span>' if v.get("skipped") else ""
+        rows.append([f"<code>{name}</code>", html.escape(VARIANTS.get(name, "")) + extra, _mb(v.get("bytes")), size,
+                     _fmt(v.get("fad")), _fmt(v.get("clap")), _fmt(v.get("nll")), _fmt(v.get("nll_cb0")),
+                     _fmt(v.get("kl_teacher"), 4), ret_s])
+    note = html.escape(results.get("ablation_note", ""))
+    return ('<section id="ablation"><h2>Ablation</h2>'
+            + _table(["variant", "what", "bytes", "smaller than student fp32", "FAD", "CLAP", "held-out NLL (nats/token)",
+                      "NLL codebook 1", "KL to teacher", "retention"], rows, "ablation")
+            + (f"<p>{note}</p>" if note else "") + "</section>")
+
+
+def _figures(results: dict, root: Path) -> str:
+    curves = {}
+    for name, rel in (results.get("training", {}) or {}).items():
+        if isinstance(rel, str):
+            curves[name] = _read_jsonl(root / rel)
+        elif isinstance(rel, list):
+            curves[name] = rel
+    planner = results.get("planner", {}) or {}
+    parts = [
+        _figure("Training curves", training_curves_png(curves), "no training curves in results",
+                "loss per optimizer step (log scale); dashed: StageMixedKL temperature"),
+        _figure("Size against quality", pareto_png(planner, results.get("variants", {})),
+                planner.get("skipped", "no planner data in results"),
+                "left: the planner's predicted frontier with the paper plan and kdq's plan; "
+                "right: measured CLAP score of every variant"),
+        _figure("Per-module sensitivity", sensitivity_png(planner.get("sensitivity") or {}),
+                planner.get("skipped", "no sensitivity table in results"),
+                "KL of the model's output to the fp32 model's when only that group changes dtype"),
+    ]
+    return '<section id="figures"><h2>Figures</h2>' + "".join(parts) + "</section>"
+
+
+def _ort(results: dict) -> str:
+    ort = results.get("ort") or {}
+    if not ort or (ort.get("skipped") and len(ort) == 1):
+        why = ort.get("skipped", "no ONNX Runtime results")
+        return f'<section id="ort"><h2>ONNX Runtime and the device run</h2><p class="skip">skipped: {html.escape(str(why))}</p></section>'
+    scalars = [[html.escape(k), _fmt(v)] for k, v in ort.items() if not isinstance(v, (dict, list))]
+    parts = ['<section id="ort"><h2>ONNX Runtime and the device run</h2>', _table(["figure", "value"], scalars)]
+    runs = ort.get("device_runs") or {}
+    if runs:
+        rows = []
+        for label, r in runs.items():
+            if r.get("skipped"):
+                rows.append([html.escape(label), f'<span class="skip">skipped: {html.escape(str(r["skipped"]))}</span>',
+                             "", "", "", "", "", ""])
+                continue
+            bb = r.get("bundle_bytes")
+            total = sum(bb.values()) if isinstance(bb, dict) else bb
+            rows.append([html.escape(label), html.escape(str(r.get("format", "onnx"))), _mb(total), _fmt(r.get("rtf")),
+                         _fmt(r.get("tokens_per_s"), 1), _fmt(r.get("ms_per_cached_step"), 2),
+                         _mb(r.get("peak_rss_bytes")), f"<code>{html.escape(str(r.get('command', '')))}</code>"])
+        parts.append("<h3>Device run (fresh process per bundle)</h3>"
+                     + _table(["bundle", "format", "bytes", "RTF", "tokens/s", "ms per cached step", "peak RSS",
+                               "command"], rows))
+    parts.append("</section>")
+    return "".join(parts)
+
+
+def _stages(results: dict) -> str:
+    rows = []
+    total = 0.0
+    for name, s in (results.get("stages") or {}).items():
+        wall = s.get("wall_s")
+        total += 0.0 if "/" in name else (wall or 0.0)  # sub-stages (world/render) are inside their stage
+        state = ("skipped: " + html.escape(str(s["skipped"]))) if s.get("skipped") else ("cached" if s.get("cached") else "ran")
+        rows.append([html.escape(name), _fmt(wall, 1), state])
+    rows.append(["<b>total</b>", f"<b>{total:.1f}</b>", ""])
+    return '<section id="stages"><h2>Stages</h2>' + _table(["stage", "wall time (s)", "state"], rows) + "</section>"
+
+
+def _wav_uri(path: Path) -> str | None:
+    if not path.exists():
+        return None
+    return "data:audio/wav;base64," + base64.b64encode(path.read_bytes()).decode()
+
+
+def _audio(results: dict, root: Path) -> str:
+    prompts = results.get("prompts") or []
+    variants = results.get("variants", {})
+    names = [n for n in [*VARIANTS, *variants] if n in variants and variants[n].get("samples")]
+    names = list(dict.fromkeys(names))
+    if not prompts or not names:
+        return '<section id="audio"><h2>Listen</h2><p class="skip">no samples in results</p></section>'
+    rows = []
+    for i, prompt in enumerate(prompts):
+        row = [html.escape(prompt)]
+        for n in names:
+            samples = variants[n]["samples"]
+            uri = _wav_uri(root / samples[i]) if i < len(samples) else None
+            row.append(f'<audio controls preload="none" src="{uri}"></audio>' if uri else "missing")
+        rows.append(row)
+    return ('<section id="audio"><h2>Listen: the same prompts across variants</h2>'
+            + _table(["prompt", *[f"<code>{n}</code>" for n in names]], rows, "audio") + "</section>")
+
+
+def _environment(results: dict) -> str:
+    rows = [[html.escape(k), html.escape(str(v))] for k, v in (results.get("versions") or {}).items()]
+    return '<section id="environment"><h2>Environment</h2>' + _table(["package", "version"], rows) + "</section>"
+
+
+CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;max-width:1180px;margin:2em auto;padding:0 1em;color:#222}
+h1{font-size:1.6em}h2{border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:1.6em}h3{font-size:1em}
+table{border-collapse:collapse;margin:.6em 0;font-size:.88em}th,td{border:1px solid #ccc;padding:.3em .55em;text-align:left;vertical-align:top}
+th{background:#f3f3f3}code{font-size:.9em;background:#f6f6f6;padding:0 .2em}.skip{color:#a33}.note{color:#555;font-size:.9em}
+figure{margin:1em 0}img{max-width:100%}audio{width:210px}
+"""
+
+
+def render(results: dict, root: str | Path) -> str:
+    """The report as one HTML string; ``root`` resolves relative paths in ``results`` (curves, WAVs)."""
+    root = Path(root)
+    if not isinstance(results, dict) or "variants" not in results:
+        raise bad_value(ReportError, "results", type(results).__name__ if not isinstance(results, dict) else sorted(results),
+                        "a dict with at least 'preset' and 'variants'", "pass reproduce.py's results.json")
+    title = f"kdq: TinyMusician reproduction ({html.escape(str(results.get('preset', '?')))} preset)"
+    cmd = html.escape(results.get("command", ""))
+    skipped = [f"<li><code>{html.escape(k)}</code>: {html.escape(str(v['skipped']))}</li>"
+               for k, v in (results.get("stages") or {}).items() if isinstance(v, dict) and v.get("skipped")]
+    skipped_html = f"<p>Stages not run:</p><ul>{''.join(skipped)}</ul>" if skipped else ""
+    if results.get("stand_in"):
+        skipped_html += f'<p class="skip"><b>STAND-IN MODELS:</b> {html.escape(str(results["stand_in"]))}</p>'
+
+    body = [
+        f"<h1>{title}</h1>",
+        f"<p>Made by <code>{cmd}</code> on {html.escape(str(results.get('created', '')))}.</p>{skipped_html}",
+        _headline(results), _ablation(results), _figures(results, root), _ort(results), _stages(results),
+        _audio(results, root), _environment(results),
+    ]
+    return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{title}</title>'
+            f"<style>{CSS}</style></head><body>{''.join(body)}</body></html>")
+
+
+def write_report(results_path: str | Path, out: str | Path | None = None) -> Path:
+    """Read ``results.json`` and write ``report.html`` next to it (or to ``out``), atomically."""
+    results_path = Path(results_path)
+    if not results_path.exists():
+        raise bad_value(ReportError, "results", str(results_path), "an existing results.json",
+                        "run examples/musicgen/reproduce.py first")
+    results = json.loads(results_path.read_text())
+    page = render(results, results_path.parent)
+    target = Path(out) if out else results_path.parent / "report.html"
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".report.", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        f.write(page)
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, target)
+    return target
+
+
+def main(argv: list[str] | None = None) -> Path:
+    p = argparse.ArgumentParser(description="Render reproduce.py's results.json as a self-contained report.html.")
+    p.add_argument("results", help="path to results.json")
+    p.add_argument("--out", help="output HTML (default: report.html next to results.json)")
+    args = p.parse_args(argv)
+    path = write_report(args.results, args.out)
+    print(path)
+    return path
+
+
+if __name__ == "__main__":
+    main()

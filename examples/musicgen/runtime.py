@@ -1,0 +1,305 @@
+"""A plain ONNX Runtime generation loop over a MusicGen bundle (see export.py and docs/export.md).
+
+Pipeline: tokenize -> text encoder -> classifier-free-guidance batch (the prompt's states and a
+zero "null" condition) -> decoder steps with a KV cache and MusicGen's delay pattern -> greedy or
+temperature/top-k/top-p sampling with a seed -> EnCodec decode -> WAV. Only numpy, onnxruntime and
+tokenizers are needed, as on a phone; the loop reproduces
+``MusicgenForConditionalGeneration.generate`` (greedy, same guidance scale) to float precision.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from kdq.errors import KdqError, bad_value
+
+PARTS = ("text_encoder", "decoder_model_merged", "encodec_decode")
+MIN_FRAMES = 7  # EnCodec's first conv (kernel 7) pads by reflection; below 7 frames PyTorch pads differently
+SUFFIX = {"fp32": "", "fp16": "_fp16", "q8": "_quantized", "int8": "_quantized", "q4": "_q4", "int4": "_q4"}
+_NP = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64, "tensor(bool)": np.bool_}
+
+
+class BundleLoadError(KdqError):
+    """The bundle folder is missing a file or holds inconsistent settings."""
+
+
+class GenerationArgError(KdqError):
+    """A generation argument is out of range."""
+
+
+def build_delay_pattern(batch_codebooks: int, num_codebooks: int, pad: int, max_length: int) -> np.ndarray:
+    """MusicGen's delay pattern for generation from a single BOS token per codebook.
+
+    Returns ``pattern`` of shape (B*K, max_length): ``-1`` where a token is to be predicted, ``pad``
+    where codebook ``k`` is delayed (its first ``k+1`` positions) or finished (its last ``K-1-k``).
+    """
+    k = num_codebooks
+    pattern = np.full((batch_codebooks // k, k, max_length), -1, dtype=np.int64)
+    if max_length >= 2 * k - 1:
+        for cb in range(k):
+            pattern[:, cb, : cb + 1] = pad  # the BOS delay: positions 0..cb
+            pattern[:, cb, cb + max_length - k + 1 :] = pad  # the end: codebook cb finishes k-1-cb early
+    return pattern.reshape(batch_codebooks, max_length)
+
+
+def apply_delay_pattern(ids: np.ndarray, pattern: np.ndarray) -> np.ndarray:
+    """Keep ``ids`` where the pattern says "predict" (-1), the pattern's pad token elsewhere."""
+    p = pattern[:, : ids.shape[1]]
+    return np.where(p == -1, ids, p)
+
+
+def sample_next(
+    logits: np.ndarray, *, rng: np.random.Generator | None, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0
+) -> np.ndarray:
+    """Next token per row of ``logits`` (rows, vocab): argmax if ``rng`` is None, else a sample.
+
+    Sampling follows transformers' warper order: divide by ``temperature``, keep the ``top_k``
+    largest (0 = all), keep the smallest set whose probability reaches ``top_p``, then draw one token
+    from the softmax by inverse CDF with ``rng``.
+    """
+    if rng is None:
+        return logits.argmax(-1)
+    x = logits.astype(np.float64) / temperature
+    if top_k and top_k < x.shape[-1]:
+        kth = np.partition(x, -top_k, axis=-1)[:, -top_k][:, None]
+        x = np.where(x < kth, -np.inf, x)
+    if top_p < 1.0:
+        order = np.argsort(-x, axis=-1, kind="stable")
+        sorted_x = np.take_along_axis(x, order, -1)
+        probs = np.exp(sorted_x - sorted_x[:, :1])
+        probs /= probs.sum(-1, keepdims=True)
+        cum = np.cumsum(probs, -1)
+        drop_sorted = (cum - probs) >= top_p  # the first token is always kept
+        drop = np.zeros_like(drop_sorted)
+        np.put_along_axis(drop, order, drop_sorted, -1)
+        x = np.where(drop, -np.inf, x)
+    p = np.exp(x - x.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    u = rng.random((x.shape[0], 1))
+    return np.minimum((np.cumsum(p, -1) < u).sum(-1), x.shape[-1] - 1)
+
+
+@dataclass
+class Timings:
+    """Seconds per stage of one generation."""
+
+    stages: dict[str, float] = field(default_factory=dict)
+    decoder_steps: int = 0
+
+    def add(self, stage: str, seconds: float) -> None:
+        self.stages[stage] = self.stages.get(stage, 0.0) + seconds
+
+
+class MusicgenOnnx:
+    """ONNX Runtime sessions over a bundle folder, and the generation loop.
+
+    Args:
+        bundle: folder written by ``export.py`` (``config.json``, tokenizer files, ``onnx/``).
+        threads: intra-op threads per session (None: ONNX Runtime's default).
+        dtypes: file variant per part (``fp32``, ``fp16``, ``q8``...); default from
+            ``config.json["transformers.js_config"]["dtype"]``.
+        ort_format: load ``.ort`` files (ONNX Runtime's mobile format) instead of ``.onnx``.
+        io_binding: keep the KV cache in ONNX Runtime values between steps (no numpy copies).
+        low_memory: turn off ONNX Runtime's CPU memory arena and memory-pattern planning, so freed
+            buffers go back to the system (lower peak RSS, as on a phone; slightly slower).
+    """
+
+    def __init__(
+        self,
+        bundle: str | os.PathLike,
+        *,
+        threads: int | None = None,
+        dtypes: dict[str, str] | None = None,
+        ort_format: bool = False,
+        io_binding: bool = True,
+        low_memory: bool = False,
+    ):
+        import onnxruntime as ort
+        from tokenizers import Tokenizer
+
+        self.bundle = Path(bundle)
+        cfg_path = self.bundle / "config.json"
+        if not cfg_path.is_file():
+            raise bad_value(BundleLoadError, "bundle", str(bundle), "a folder holding config.json and onnx/", "run examples/musicgen/export.py first")
+        self.config = json.loads(cfg_path.read_text())
+        gen_path = self.bundle / "generation_config.json"
+        self.generation_config = json.loads(gen_path.read_text()) if gen_path.is_file() else {}
+        tjs = self.config.get("transformers.js_config", {}).get("dtype", {})
+        self.dtypes = {p: (dtypes or {}).get(p, tjs.get(p, "fp32")) for p in PARTS}
+        ext = ".ort" if ort_format else ".onnx"
+        opts = ort.SessionOptions()
+        if threads:
+            opts.intra_op_num_threads = threads
+            opts.inter_op_num_threads = 1
+        if low_memory:
+            opts.enable_cpu_mem_arena = False
+            opts.enable_mem_pattern = False
+        self.files: dict[str, Path] = {}
+        self.sessions = {}
+        for part in PARTS:
+            if self.dtypes[part] not in SUFFIX:
+                raise bad_value(BundleLoadError, f"dtype[{part}]", self.dtypes[part], f"one of {sorted(SUFFIX)}")
+            path = self.bundle / "onnx" / f"{part}{SUFFIX[self.dtypes[part]]}{ext}"
+            if not path.is_file():
+                raise bad_value(BundleLoadError, "bundle", str(bundle), f"must hold {path.relative_to(self.bundle)}",
+                                "re-export, or convert with --ort-format" if ort_format else "re-export the bundle")
+            self.files[part] = path
+            self.sessions[part] = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        self.tokenizer = Tokenizer.from_file(str(self.bundle / "tokenizer.json"))
+        pad_id = self.config.get("text_encoder", {}).get("pad_token_id", 0) or 0
+        self.tokenizer.enable_padding(pad_id=pad_id)
+        dec = self.config["decoder"]
+        self.num_codebooks = dec["num_codebooks"]
+        self.num_layers = dec["num_hidden_layers"]
+        self.heads = dec["num_attention_heads"]
+        self.head_dim = dec["hidden_size"] // dec["num_attention_heads"]
+        self.pad_token_id = self.generation_config.get("pad_token_id", dec.get("pad_token_id"))
+        self.start_token_id = self.generation_config.get("decoder_start_token_id", dec.get("bos_token_id"))
+        self.sampling_rate = self.config["audio_encoder"].get("sampling_rate", 32000)
+        self.frame_rate = self.config["audio_encoder"].get("frame_rate") or 50
+        self.io_binding = io_binding
+        self._types = {p: {i.name: _NP.get(i.type, np.float32) for i in s.get_inputs()} for p, s in self.sessions.items()}
+
+    # -- stages ---------------------------------------------------------------------------------
+    def tokenize(self, prompts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Token ids and attention mask (batch, len), padded to the longest prompt."""
+        enc = self.tokenizer.encode_batch(list(prompts))
+        ids = np.array([e.ids for e in enc], dtype=np.int64)
+        mask = np.array([e.attention_mask for e in enc], dtype=np.int64)
+        return ids, mask
+
+    def encode_text(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        """T5 encoder states (batch, len, hidden) as float32."""
+        (hidden,) = self.sessions["text_encoder"].run(None, {"input_ids": ids, "attention_mask": mask})
+        return hidden.astype(np.float32)
+
+    def decode_audio(self, codes: np.ndarray) -> np.ndarray:
+        """EnCodec: codes (B, K, frames) -> float32 audio (B, channels, samples)."""
+        (audio,) = self.sessions["encodec_decode"].run(None, {"audio_codes": codes[None].astype(np.int64)})
+        return audio.astype(np.float32)
+
+    def generate_codes(
+        self,
+        hidden: np.ndarray,
+        mask: np.ndarray,
+        *,
+        max_new_tokens: int,
+        guidance_scale: float | None = 3.0,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        timings: Timings | None = None,
+    ) -> np.ndarray:
+        """The decoder loop: returns audio codes (B, K, frames), frames = max_new_tokens - (K - 1)."""
+        k = self.num_codebooks
+        least = k - 1 + MIN_FRAMES
+        if max_new_tokens < least:
+            raise bad_value(GenerationArgError, "max_new_tokens", max_new_tokens,
+                            f">= {least}: codebooks - 1 delay steps plus {MIN_FRAMES} frames, the shortest input the exported "
+                            "EnCodec graph decodes like PyTorch (its first convolution's reflect padding takes another "
+                            "branch below that length)")
+        if do_sample and temperature <= 0:
+            raise bad_value(GenerationArgError, "temperature", temperature, "> 0 when sampling", "use do_sample=False for greedy")
+        if not 0 < top_p <= 1:
+            raise bad_value(GenerationArgError, "top_p", top_p, "in (0, 1]")
+        timings = timings if timings is not None else Timings()
+        rng = np.random.default_rng(seed) if do_sample else None
+        cfg = guidance_scale is not None and guidance_scale > 1
+        b = hidden.shape[0]
+        if cfg:
+            hidden = np.concatenate([hidden, np.zeros_like(hidden)], 0)
+            mask = np.concatenate([mask, np.zeros_like(mask)], 0)
+        sess = self.sessions["decoder_model_merged"]
+        types = self._types["decoder_model_merged"]
+        float_t = types.get("encoder_hidden_states", np.float32)
+        max_length = 1 + max_new_tokens
+        ids = np.full((b * k, 1), self.start_token_id, dtype=np.int64)
+        pattern = build_delay_pattern(b * k, k, self.pad_token_id, max_length)
+        past_names = [n for n in (i.name for i in sess.get_inputs()) if n.startswith("past_key_values.")]
+        out_names = [o.name for o in sess.get_outputs()]
+        rows = hidden.shape[0]
+        past: dict = {n: np.zeros((rows, self.heads, 0, self.head_dim), dtype=types[n]) for n in past_names}
+        static = {"encoder_hidden_states": hidden.astype(float_t), "encoder_attention_mask": mask.astype(np.int64)}
+        if self.io_binding:
+            import onnxruntime as ort
+
+            static = {n: ort.OrtValue.ortvalue_from_numpy(v) for n, v in static.items()}
+        for step in range(max_new_tokens):
+            t0 = time.perf_counter()
+            dec_in = apply_delay_pattern(ids, pattern)
+            if step > 0:
+                dec_in = dec_in[:, -1:]
+            if cfg:
+                dec_in = np.concatenate([dec_in, dec_in], 0)
+            flag = np.array([step > 0])
+            if self.io_binding:
+                binding = sess.io_binding()
+                binding.bind_cpu_input("input_ids", np.ascontiguousarray(dec_in))
+                binding.bind_cpu_input("use_cache_branch", flag)
+                for n, v in static.items():
+                    binding.bind_ortvalue_input(n, v)
+                for n, v in past.items():
+                    if isinstance(v, np.ndarray):
+                        binding.bind_cpu_input(n, v)
+                    else:
+                        binding.bind_ortvalue_input(n, v)
+                for n in out_names:
+                    binding.bind_output(n, "cpu")
+                sess.run_with_iobinding(binding)
+                outs = binding.get_outputs()
+                logits = outs[0].numpy()
+                present = outs[1:]
+            else:
+                feed = {"input_ids": dec_in, "use_cache_branch": flag, **static, **past}
+                outs = sess.run(None, feed)
+                logits, present = outs[0], outs[1:]
+            past = {n.replace("present.", "past_key_values.", 1): v for n, v in zip(out_names[1:], present)}
+            logits = logits[:, -1, :].astype(np.float32)
+            if cfg:
+                cond, uncond = logits[: b * k], logits[b * k :]
+                logits = uncond + (cond - uncond) * guidance_scale
+            nxt = sample_next(logits, rng=rng, temperature=temperature, top_k=top_k, top_p=top_p)
+            ids = np.concatenate([ids, nxt[:, None].astype(np.int64)], 1)
+            timings.add("decoder_first_step" if step == 0 else "decoder_cached_steps", time.perf_counter() - t0)
+            timings.decoder_steps += 1
+        ids = apply_delay_pattern(ids, pattern)
+        keep = ids != self.pad_token_id
+        return ids[keep].reshape(b, k, -1)
+
+    def generate(self, prompts: str | Sequence[str], *, max_new_tokens: int, timings: Timings | None = None, **kwargs) -> np.ndarray:
+        """Prompts -> float32 audio (B, channels, samples). ``kwargs`` go to ``generate_codes``."""
+        timings = timings if timings is not None else Timings()
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        t = time.perf_counter()
+        ids, mask = self.tokenize(prompts)
+        timings.add("tokenize", time.perf_counter() - t)
+        t = time.perf_counter()
+        hidden = self.encode_text(ids, mask)
+        timings.add("text_encoder", time.perf_counter() - t)
+        codes = self.generate_codes(hidden, mask, max_new_tokens=max_new_tokens, timings=timings, **kwargs)
+        t = time.perf_counter()
+        audio = self.decode_audio(codes)
+        timings.add("encodec_decode", time.perf_counter() - t)
+        return audio
+
+
+def write_wav(path: str | os.PathLike, audio: np.ndarray, sampling_rate: int) -> Path:
+    """Write mono/multichannel float audio (channels, samples) as 16-bit PCM WAV, atomically."""
+    import soundfile as sf
+
+    from kdq.export.atomic import atomic_path
+
+    data = np.clip(np.asarray(audio, dtype=np.float32), -1.0, 1.0)
+    data = data.T if data.ndim == 2 else data
+    with atomic_path(path) as tmp:
+        sf.write(str(tmp), data, sampling_rate, format="WAV", subtype="PCM_16")
+    return Path(path)

@@ -1,0 +1,441 @@
+"""Apply a ``kdq.quant.Plan`` to an ONNX graph, then check that the graph carries it.
+
+A plan names torch modules; the TorchScript exporter names each ONNX node after the module scope that
+produced it (``/decoder/model/decoder/layers.0/self_attn/q_proj/MatMul``). ``node_modules`` maps every
+node back to the deepest module of the model that its scope names, so a plan written against
+``model.named_modules()`` selects ONNX nodes without any hand-written list.
+
+Conversion uses ONNX Runtime's own tools, restricted to the selected nodes:
+
+- int8: ``onnxruntime.quantization.quantize_dynamic`` (weight int8 per channel, activations quantized
+  at run time) on the weighted MatMul/Gemm/Gather/Conv nodes of int8 groups (``nodes_to_quantize``).
+- int4: ``MatMulNBitsQuantizer`` (4-bit blockwise symmetric weights, ``MatMulNBits``) on the MatMul
+  nodes of int4 groups (every other MatMul in ``nodes_to_exclude``: its ``nodes_to_include`` widens
+  rather than restricts). ONNX's 4-bit ``Gather`` needs opset 21, so the
+  embedding tables of int4 groups are stored int8 (reported as ``Gather(int4->int8)``).
+- fp16: ``onnxruntime.transformers.float16.convert_float_to_float16`` with every node outside fp16
+  groups in ``node_block_list`` (after clearing ``graph.value_info``, which otherwise makes it emit
+  Casts of the wrong type).
+- bf16 has no kernels in ONNX Runtime's CPU or mobile builds and is refused with a typed error.
+
+Apply it to each graph before merging decoders: quantizers only see the top-level graph.
+
+Conformance (``check_conformance``): every node whose group is assigned a dtype must carry it:
+a *weighted* node (one that reads a weight initializer: MatMul, Gemm, Gather, Conv, ConvTranspose and
+their quantized forms) carries the dtype its weight is stored and computed in (``MatMulInteger`` and
+int8 ``Gather`` -> int8, ``MatMulNBits`` -> int4, a float weight -> its float type); any other node
+carries the float type of its outputs (nodes with no float output, and ``Cast`` and (de)quantize glue,
+carry nothing). Weighted nodes must carry exactly their group's dtype; other nodes must carry fp16 in
+fp16 groups (unless their op type is on the converter's fp32 op block list) and fp32 elsewhere.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections import Counter
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kdq.errors import KdqError
+
+WEIGHTED_OPS = {"MatMul", "Gemm", "Gather", "Conv", "ConvTranspose"}
+INT8_OPS = {"MatMulInteger", "DynamicQuantizeMatMul", "ConvInteger", "QLinearMatMul", "QLinearConv"}
+INT4_OPS = {"MatMulNBits", "GatherBlockQuantized"}
+GLUE_OPS = {"Cast", "DynamicQuantizeLinear", "QuantizeLinear", "DequantizeLinear", "Identity", "Constant"}
+SUPPORTED = ("fp32", "fp16", "int8", "int4")
+_ELEM = {1: "fp32", 10: "fp16", 16: "bf16", 11: "fp64"}
+
+
+class PlanExportError(KdqError):
+    """The plan asks for something the ONNX export cannot produce."""
+
+
+class PlanConformanceError(KdqError):
+    """Some nodes do not carry the dtype their group was assigned.
+
+    Attributes:
+        violations: ``[(node name, op type, group, expected dtype, carried dtype)]``.
+    """
+
+    def __init__(self, msg: str, violations: list[tuple[str, str, str, str, str]]):
+        super().__init__(msg)
+        self.violations = violations
+
+
+def _scope(node_name: str) -> list[str]:
+    parts = [p for p in node_name.split("/") if p]
+    return parts[:-1]
+
+
+def module_of(node_name: str, module_names: set[str]) -> str:
+    """The deepest module in ``module_names`` named by a node's TorchScript scope ("" if none).
+
+    A scope component is an attribute name, or for a ``ModuleList`` item ``list.i`` relative to the
+    list's owner; for an item of a ``Sequential`` called directly, the component repeats the
+    Sequential's own name (``/block/block.0``), so both joins are tried.
+    """
+    cur = ""
+    for comp in _scope(node_name):
+        joined = f"{cur}.{comp}" if cur else comp
+        if joined in module_names:
+            cur = joined
+            continue
+        parent = cur.rsplit(".", 1)[0] if "." in cur else ""
+        sibling = f"{parent}.{comp}" if parent else comp
+        if sibling in module_names and sibling != cur:
+            cur = sibling
+            continue
+        break
+    return cur
+
+
+def _walk(graph) -> Iterator[Any]:
+    for node in graph.node:
+        yield node
+        for attr in node.attribute:
+            if attr.g.node:
+                yield from _walk(attr.g)
+            for g in attr.graphs:
+                yield from _walk(g)
+
+
+def initializers(graph, into: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Name -> initializer over a graph and its subgraphs (``If`` branches)."""
+    into = {} if into is None else into
+    for t in graph.initializer:
+        into[t.name] = t
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.g.node:
+                initializers(attr.g, into)
+            for g in attr.graphs:
+                initializers(g, into)
+    return into
+
+
+def node_modules(model, module_names: Iterable[str], *, prefix: str = "") -> dict[str, str]:
+    """Node name -> module name (deepest named module of its scope; ``prefix`` outside every module).
+
+    Args:
+        model: an ``onnx.ModelProto`` from the TorchScript exporter.
+        module_names: the torch model's ``named_modules()`` names.
+        prefix: the module the export's scopes are relative to. A wrapper whose ``forward`` calls its
+            attribute ``text_encoder`` gets scopes ``/text_encoder/...`` and needs no prefix; a
+            wrapper that calls a *method* such as ``model.audio_encoder.decode`` gets scopes from
+            that module's children (``/decoder/layers.3/...``) and needs ``prefix="audio_encoder"``.
+    """
+    names = set(module_names)
+    names.discard("")
+    if prefix:
+        names = {n[len(prefix) + 1 :] for n in names if n.startswith(prefix + ".")}
+
+    def full(rel: str) -> str:
+        return f"{prefix}.{rel}" if prefix and rel else (prefix or rel)
+
+    return {n.name: full(module_of(n.name, names)) for n in _walk(model.graph)}
+
+
+def weight_input(node, inits: Mapping[str, Any]) -> Any | None:
+    """The weight initializer a weighted node reads (rank >= 2), or None."""
+    if node.op_type not in WEIGHTED_OPS | INT8_OPS | INT4_OPS:
+        return None
+    idx = {"Gather": [0], "GatherBlockQuantized": [0], "MatMulInteger": [1], "DynamicQuantizeMatMul": [1]}.get(node.op_type, [1, 0])
+    for i in idx:
+        if i < len(node.input) and node.input[i] in inits and len(inits[node.input[i]].dims) >= 2:
+            return inits[node.input[i]]
+    return None
+
+
+def node_dtypes(model) -> dict[str, tuple[str, bool]]:
+    """Node name -> (carried dtype or "", is weighted). See the module docstring for the rule."""
+    import onnx
+
+    try:
+        typed = onnx.shape_inference.infer_shapes(model)
+    except Exception:  # noqa: BLE001 - contrib ops or huge models: fall back to declared types
+        typed = model
+    elem: dict[str, int] = {}
+
+    def collect(graph):
+        for vi in list(graph.value_info) + list(graph.output) + list(graph.input):
+            elem[vi.name] = vi.type.tensor_type.elem_type
+        for t in graph.initializer:
+            elem[t.name] = t.data_type
+        for node in graph.node:
+            for attr in node.attribute:
+                if attr.g.node:
+                    collect(attr.g)
+                for g in attr.graphs:
+                    collect(g)
+
+    collect(typed.graph)
+    inits = initializers(model.graph)
+    out: dict[str, tuple[str, bool]] = {}
+    for node in _walk(model.graph):
+        w = weight_input(node, inits)
+        if node.op_type in INT4_OPS:
+            bits = next((a.i for a in node.attribute if a.name == "bits"), 4)
+            out[node.name] = ("int4" if bits == 4 else f"int{bits}", True)
+        elif node.op_type in INT8_OPS:
+            out[node.name] = ("int8", True)
+        elif w is not None:
+            kind = {3: "int8", 2: "int8"}.get(w.data_type, _ELEM.get(w.data_type, str(w.data_type)))
+            out[node.name] = (kind, True)
+        elif node.op_type in GLUE_OPS:
+            out[node.name] = ("", False)
+        else:
+            floats = [_ELEM[elem[o]] for o in node.output if elem.get(o) in _ELEM]
+            out[node.name] = (floats[0] if floats else "", False)
+    return out
+
+
+@dataclass
+class PrecisionReport:
+    """What ``apply_plan_onnx`` did to one graph.
+
+    Attributes:
+        groups: plan rule (or "(default)") -> dtype, for the rules that win for some node's module.
+        nodes: dtype -> number of weighted nodes carrying it.
+        weight_bytes: dtype -> bytes of weight initializers read by weighted nodes carrying it.
+        kept_by_op_type: fp16-group nodes kept fp32 by the converter's op block list, by op type.
+        violations: conformance violations (empty when the graph conforms).
+    """
+
+    groups: dict[str, str] = field(default_factory=dict)
+    nodes: dict[str, int] = field(default_factory=dict)
+    weight_bytes: dict[str, int] = field(default_factory=dict)
+    kept_by_op_type: dict[str, int] = field(default_factory=dict)
+    violations: list[tuple[str, str, str, str, str]] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"groups": self.groups, "weighted_nodes": self.nodes, "weight_bytes": self.weight_bytes,
+                "kept_fp32_by_op_type": self.kept_by_op_type, "conforms": not self.violations,
+                "violations": [list(v) for v in self.violations[:20]]}
+
+
+def tensor_bytes(t) -> int:
+    """Bytes of an initializer's data (``TensorProto``)."""
+    import numpy as np
+    from onnx import helper
+
+    n = int(np.prod(t.dims)) if t.dims else 1
+    return n * np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
+
+
+def resolve_nodes(plan: Any, nodes_to_module: Mapping[str, str]) -> dict[str, str]:
+    """Module -> dtype for every module owning nodes; "" (outside every module) gets the default."""
+    modules = sorted({m for m in nodes_to_module.values() if m})
+    resolved = dict(plan.resolve(modules)) if modules else {}
+    resolved[""] = plan.default if hasattr(plan, "default") else "fp32"
+    return resolved
+
+
+def check_conformance(
+    model, plan: Any, module_names: Iterable[str], *, prefix: str = "", fp16_op_block_list: Iterable[str] | None = None
+) -> PrecisionReport:
+    """Check that every node carries its group's dtype (see the module docstring); never raises.
+
+    Args:
+        model: an ``onnx.ModelProto`` (merged decoders with ``If`` branches are walked too).
+        plan: a ``kdq.quant.Plan`` (anything with ``resolve(names)`` and ``default``).
+        module_names: the torch model's module names (``[n for n, _ in model.named_modules()]``),
+            prefixed the way the export wrapper names them.
+        prefix: see ``node_modules``.
+        fp16_op_block_list: op types the fp16 converter keeps in fp32 (default: its own list).
+
+    Returns:
+        A ``PrecisionReport``; ``report.violations`` is empty when the graph conforms.
+    """
+    from onnxruntime.transformers import float16
+
+    blocked_ops = set(float16.DEFAULT_OP_BLOCK_LIST if fp16_op_block_list is None else fp16_op_block_list)
+    mods = node_modules(model, module_names, prefix=prefix)
+    resolved = resolve_nodes(plan, mods)
+    carried = node_dtypes(model)
+    inits = initializers(model.graph)
+    rules = {}
+    for m, d in resolved.items():
+        if m:
+            rule = plan.winning_rule(m) if hasattr(plan, "winning_rule") else m
+            rules[rule or "(default)"] = d
+    rep = PrecisionReport(groups=rules)
+    nodes: Counter[str] = Counter()
+    wbytes: Counter[str] = Counter()
+    kept: Counter[str] = Counter()
+    for node in _walk(model.graph):
+        group = mods.get(node.name, "")
+        want = resolved.get(group, "fp32")
+        have, weighted = carried[node.name]
+        if weighted:
+            nodes[have] += 1
+            w = weight_input(node, inits)
+            if w is not None:
+                wbytes[have] += tensor_bytes(w)
+            if want == "int4" and have == "int8" and node.op_type == "Gather":
+                kept["Gather(int4->int8)"] += 1
+            elif have != want:
+                rep.violations.append((node.name, node.op_type, group, want, have))
+        elif have:
+            expect = "fp16" if want == "fp16" else "fp32"
+            if expect == "fp16" and have == "fp32" and node.op_type in blocked_ops:
+                kept[node.op_type] += 1
+            elif have != expect:
+                rep.violations.append((node.name, node.op_type, group, expect, have))
+    rep.nodes, rep.weight_bytes, rep.kept_by_op_type = dict(nodes), dict(wbytes), dict(kept)
+    return rep
+
+
+def apply_plan_onnx(
+    model,
+    plan: Any,
+    module_names: Iterable[str],
+    *,
+    prefix: str = "",
+    keep_io_types: bool | list[str] = True,
+    int4_block_size: int = 32,
+    int4_accuracy_level: int | None = 4,
+    check: bool = True,
+):
+    """Convert an fp32 ``onnx.ModelProto`` to the dtypes ``plan`` assigns to its nodes' modules.
+
+    Args:
+        model: an fp32 graph exported from the model ``plan`` was written for (not a merged decoder).
+        plan: a ``kdq.quant.Plan``; it is read, never changed.
+        module_names: the torch model's module names (``[n for n, _ in model.named_modules()]``).
+        prefix: the module the graph's scopes are relative to (see ``node_modules``).
+        keep_io_types: keep float graph inputs and outputs in fp32 (``True``), convert them all to fp16
+            when fp16 is used (``False``), or keep only the listed names in fp32.
+        int4_block_size: block size of 4-bit weights (``MatMulNBits``).
+        int4_accuracy_level: ``MatMulNBits`` compute type: 4 quantizes activations to int8 at run time
+            and uses integer dot products (the fast path on CPUs); None/0 dequantizes to fp32.
+        check: raise ``PlanConformanceError`` if the result does not carry the plan.
+
+    Returns:
+        ``(model, PrecisionReport)``.
+
+    Raises:
+        PlanExportError: the plan assigns bf16, or a dtype kdq does not know.
+        PlanConformanceError: with ``check``, nodes that do not carry their group's dtype.
+    """
+    import onnx
+
+    module_names = list(module_names)
+    mods = node_modules(model, module_names, prefix=prefix)
+    resolved = resolve_nodes(plan, mods)
+    bad = sorted({d for d in resolved.values() if d not in SUPPORTED})
+    if bad:
+        users = sorted(m for m, d in resolved.items() if d in bad)[:5]
+        raise PlanExportError(
+            f"plan assigns {bad} to {users}...; ONNX export supports {SUPPORTED}: ONNX Runtime's CPU and "
+            "mobile builds have no bf16 kernels; assign fp16 (phones) or fp32 to these modules"
+        )
+    inits = initializers(model.graph)
+    by_dtype: dict[str, list[str]] = {d: [] for d in SUPPORTED}
+    for node in model.graph.node:
+        if weight_input(node, inits) is not None:
+            by_dtype[resolved.get(mods.get(node.name, ""), "fp32")].append(node.name)
+    # ONNX's 4-bit Gather needs opset 21; embeddings of int4 groups are stored int8 (see the docstring)
+    ops = {n.name: n.op_type for n in model.graph.node}
+    int4_gathers = [n for n in by_dtype["int4"] if ops[n] == "Gather"]
+    by_dtype["int4"] = [n for n in by_dtype["int4"] if ops[n] == "MatMul"]
+    by_dtype["int8"] += int4_gathers
+    with tempfile.TemporaryDirectory(prefix="kdq-plan-") as tmp:
+        cur = model
+        if by_dtype["int8"]:
+            from onnxruntime.quantization import QuantType, quantize_dynamic
+
+            src, dst = Path(tmp) / "in.onnx", Path(tmp) / "int8.onnx"
+            onnx.save_model(cur, str(src))
+            quantize_dynamic(
+                str(src), str(dst), weight_type=QuantType.QInt8, per_channel=True,
+                nodes_to_quantize=by_dtype["int8"], op_types_to_quantize=["MatMul", "Gemm", "Gather", "Conv"],
+                extra_options={"MatMulConstBOnly": True},
+            )
+            cur = onnx.load(str(dst))
+        if by_dtype["int4"]:
+            from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+            # nodes_to_include does not restrict (it is OR-ed with the op types): exclude the others
+            keep = set(by_dtype["int4"])
+            others = [n.name for n in cur.graph.node if n.op_type == "MatMul" and n.name not in keep]
+            q = MatMulNBitsQuantizer(cur, bits=4, block_size=int4_block_size, is_symmetric=True,
+                                     accuracy_level=int4_accuracy_level, nodes_to_exclude=others,
+                                     op_types_to_quantize=("MatMul",))
+            q.process()
+            cur = q.model.model
+        fp16_groups = {m for m, d in resolved.items() if d == "fp16"}
+        if fp16_groups:
+            from onnxruntime.transformers import float16
+
+            mods_now = node_modules(cur, module_names, prefix=prefix)
+            block = [n.name for n in cur.graph.node if mods_now.get(n.name, "") not in fp16_groups]
+            del cur.graph.value_info[:]
+            cur = float16.convert_float_to_float16(cur, keep_io_types=keep_io_types, node_block_list=block,
+                                                   disable_shape_infer=False)
+            del cur.graph.value_info[:]
+            topological_sort(cur.graph)
+    onnx.checker.check_model(cur)
+    report = check_conformance(cur, plan, module_names, prefix=prefix)
+    if check and report.violations:
+        lines = "; ".join(f"{n} ({op}, group {g!r}): wants {w}, carries {h}" for n, op, g, w, h in report.violations[:8])
+        raise PlanConformanceError(
+            f"{len(report.violations)} node(s) do not carry their group's dtype: {lines}. Assign a dtype these ops "
+            "support in ONNX Runtime (int8 covers MatMul/Gemm/Gather/Conv; int4 covers MatMul/Gather) or fp32",
+            report.violations,
+        )
+    return cur, report
+
+
+def planned_weight_bytes(model, plan: Any, module_names: Iterable[str], *, prefix: str = "") -> dict[str, int]:
+    """fp32 bytes of the weights that ``model`` 's weighted nodes read, by the dtype ``plan`` assigns them."""
+    mods = node_modules(model, module_names, prefix=prefix)
+    resolved = resolve_nodes(plan, mods)
+    inits = initializers(model.graph)
+    out: Counter[str] = Counter()
+    for node in _walk(model.graph):
+        w = weight_input(node, inits)
+        if w is not None:
+            out[resolved.get(mods.get(node.name, ""), "fp32")] += tensor_bytes(w)
+    return dict(out)
+
+
+def topological_sort(graph) -> None:
+    """Reorder ``graph.node`` so that every node comes after the producers of its inputs (in place).
+
+    ``convert_float_to_float16`` appends some Cast/Identity nodes at the end of the graph; ONNX
+    requires topological order (``onnx.checker`` refuses the file otherwise).
+    """
+    available = {i.name for i in graph.input} | {t.name for t in graph.initializer} | {""}
+    outer = set()  # names a node reads from an enclosing scope never appear here for top-level graphs
+    pending = list(graph.node)
+    ordered = []
+    while pending:
+        rest = []
+        for node in pending:
+            if all(i in available or i in outer for i in node.input):
+                ordered.append(node)
+                available.update(node.output)
+            else:
+                rest.append(node)
+        if len(rest) == len(pending):  # a cycle or a dangling input: keep the remaining order
+            ordered.extend(rest)
+            break
+        pending = rest
+    copies = [type(n)() for n in ordered]
+    for c, n in zip(copies, ordered):
+        c.CopyFrom(n)
+    del graph.node[:]
+    graph.node.extend(copies)
+
+
+def graph_runs(path: str | os.PathLike, feeds: Iterable[Mapping[str, Any]]) -> None:
+    """Load ``path`` in ONNX Runtime (CPU) and run it on each feed; errors propagate."""
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    names = {i.name for i in sess.get_inputs()}
+    for feed in feeds:
+        sess.run(None, {k: v for k, v in feed.items() if k in names})

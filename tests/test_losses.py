@@ -1,0 +1,356 @@
+"""kdq.losses divergences: fused fast path vs plain reference (values and gradients), numerics,
+masks, reductions, errors, and hypothesis properties."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from _loss_helpers import TOL, assert_close, logits, random_mask
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kdq.errors import KdqError
+from kdq.losses import (
+    AlphaError,
+    LogitsShapeError,
+    LossInputError,
+    MaskError,
+    ReductionError,
+    TemperatureError,
+    adaptive_kl,
+    forward_kl,
+    fused,
+    generalized_jsd,
+    reference,
+    reverse_kl,
+    skewed_forward_kl,
+    skewed_reverse_kl,
+)
+
+# name -> (public fast function, reference per-position function, extra kwargs)
+CASES = {
+    "forward_kl": (forward_kl, lambda s, t, T, a: reference.forward_kl(s, t, T), False),
+    "reverse_kl": (reverse_kl, lambda s, t, T, a: reference.reverse_kl(s, t, T), False),
+    "skewed_forward_kl": (skewed_forward_kl, lambda s, t, T, a: reference.skewed_forward_kl(s, t, a, T), True),
+    "skewed_reverse_kl": (skewed_reverse_kl, lambda s, t, T, a: reference.skewed_reverse_kl(s, t, a, T), True),
+    "adaptive_kl": (adaptive_kl, lambda s, t, T, a: reference.adaptive_kl(s, t, 0.5, T), False),
+    "generalized_jsd": (generalized_jsd, lambda s, t, T, a: reference.generalized_jsd(s, t, a, T), "beta"),
+}
+
+SHAPES = [(2, 7, 11), (5, 64), (3, 47, 31, 123), (1, 2, 3, 4, 9)]
+
+
+def _call(name, s, t, *, T=1.0, a=0.1, **kw):
+    fn, _, skew = CASES[name]
+    if skew is True:
+        kw["alpha"] = a
+    elif skew == "beta":
+        kw["beta"] = a
+    return fn(s, t, temperature=T, **kw)
+
+
+def _ref(name, s, t, *, T=1.0, a=0.1, mask=None, reduction="mean"):
+    v = CASES[name][1](s, t, T, a)
+    if mask is not None:
+        v = torch.where(mask, v, 0.0)
+    if reduction == "none":
+        return v
+    if reduction == "sum":
+        return v.sum()
+    n = v.numel() if mask is None else int(mask.sum())
+    return v.sum() / max(n, 1)
+
+
+# --------------------------------------------------------------------------------------------
+# fast path == reference, values and gradients
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("name", list(CASES))
+def test_matches_reference_fp32(name, shape):
+    T, a = (2.5, 0.3) if len(shape) % 2 else (1.0, 0.1)
+    s, t = logits(shape, seed=1), logits(shape, seed=2)
+    mask = random_mask(shape[:-1], seed=3)
+    got = _call(name, s, t, T=T, a=a, mask=mask, reduction="none")
+    want = _ref(name, s, t, T=T, a=a, mask=mask, reduction="none")
+    assert got.dtype == torch.float32
+    assert_close(got, want)
+    w = torch.randn(shape[:-1], generator=torch.Generator().manual_seed(4))
+    g_got = torch.autograd.grad((got * w).sum(), (s, t))
+    g_want = torch.autograd.grad((want * w).sum(), (s, t))
+    for a_, b_ in zip(g_got, g_want):
+        assert_close(a_, b_)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_matches_reference_fp64_tight(name):
+    s = logits((4, 6, 29), seed=5, dtype=torch.float64)
+    t = logits((4, 6, 29), seed=6, dtype=torch.float64)
+    got = _call(name, s, t, T=0.7, a=0.25)
+    want = _ref(name, s, t, T=0.7, a=0.25)
+    assert got.dtype == torch.float64
+    assert_close(got, want)
+    for a_, b_ in zip(torch.autograd.grad(got, (s, t)), torch.autograd.grad(want, (s, t))):
+        assert_close(a_, b_)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("name", ["forward_kl", "skewed_forward_kl", "skewed_reverse_kl", "generalized_jsd"])
+def test_half_inputs_match_reference(name, dtype):
+    s = logits((3, 5, 40), seed=7, dtype=dtype)
+    t = logits((3, 5, 40), seed=8, dtype=dtype)
+    got = _call(name, s, t, T=1.5)
+    want = _ref(name, s, t, T=1.5)
+    assert got.dtype == torch.float32  # computed in fp32 whatever the input dtype
+    assert_close(got, want)
+    g_got = torch.autograd.grad(got, (s, t))
+    g_want = torch.autograd.grad(want, (s, t))
+    for a_, b_ in zip(g_got, g_want):
+        assert a_.dtype == dtype
+        assert_close(a_, b_)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("name", list(CASES))
+def test_huge_logits_finite(name, dtype):
+    # |logits| = 1e4: softmaxes are one-hot to working precision, log-probabilities are -2e4.
+    shape = (2, 3, 17)
+    s = (torch.sign(torch.randn(shape, generator=torch.Generator().manual_seed(9))) * 1e4).to(dtype)
+    t = (torch.sign(torch.randn(shape, generator=torch.Generator().manual_seed(10))) * 1e4).to(dtype)
+    s.requires_grad_(True)
+    t.requires_grad_(True)
+    for T in (1.0, 0.5):
+        v = _call(name, s, t, T=T, reduction="none")
+        assert torch.isfinite(v).all()
+        assert (v >= -1e-6).all()
+        gs, gt = torch.autograd.grad(v.sum(), (s, t))
+        assert torch.isfinite(gs).all() and torch.isfinite(gt).all()
+
+
+def test_huge_logits_values_are_right():
+    # teacher one-hot on token 0, student one-hot on token 1, T = 1: KL(p||q) = 2e4 exactly-ish,
+    # skewed forward KL = -log(alpha) (p is one-hot and q has no mass there).
+    s = torch.full((1, 4), -1e4)
+    s[0, 1] = 1e4
+    t = torch.full((1, 4), -1e4)
+    t[0, 0] = 1e4
+    assert forward_kl(s, t).item() == pytest.approx(2e4, rel=1e-6)
+    assert skewed_forward_kl(s, t, alpha=0.1).item() == pytest.approx(-math.log(0.1), rel=1e-5)
+    assert skewed_reverse_kl(s, t, alpha=0.1).item() == pytest.approx(-math.log(0.1), rel=1e-5)
+
+
+# --------------------------------------------------------------------------------------------
+# masks and reductions
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_masked_positions_exactly_zero_gradient_even_with_nan(name):
+    shape = (2, 6, 13)
+    mask = random_mask(shape[:-1], seed=11, p=0.5)
+    s0, t0 = logits(shape, seed=12, grad=False), logits(shape, seed=13, grad=False)
+    s0[~mask] = float("nan")  # padding garbage must not leak
+    t0[~mask] = float("inf")
+    s, t = s0.requires_grad_(), t0.requires_grad_()
+    for reduction in ("none", "sum", "mean"):
+        v = _call(name, s, t, T=1.3, mask=mask, reduction=reduction)
+        assert torch.isfinite(v).all()
+        if reduction == "none":
+            assert (v[~mask] == 0).all()
+        gs, gt = torch.autograd.grad(v.sum(), (s, t))
+        assert (gs[~mask] == 0).all() and (gt[~mask] == 0).all()
+        assert torch.isfinite(gs[mask]).all() and (gs[mask] != 0).any()
+
+
+def test_reductions_and_empty_mask():
+    s, t = logits((3, 4, 9), seed=14), logits((3, 4, 9), seed=15)
+    mask = random_mask((3, 4), seed=16)
+    per = forward_kl(s, t, mask=mask, reduction="none")
+    assert per.shape == (3, 4)
+    assert torch.allclose(forward_kl(s, t, mask=mask, reduction="sum"), per.sum())
+    assert torch.allclose(forward_kl(s, t, mask=mask, reduction="mean"), per.sum() / mask.sum())
+    assert torch.allclose(forward_kl(s, t), forward_kl(s, t, reduction="none").mean())
+    none = torch.zeros(3, 4, dtype=torch.bool)
+    v = forward_kl(s, t, mask=none)
+    assert v.item() == 0.0 and not torch.isnan(v)
+    (g,) = torch.autograd.grad(v, s)
+    assert (g == 0).all()
+
+
+def test_no_t2_factor_in_functions():
+    # forward_kl at T=2 is exactly KL of the softened distributions: no T**2 applied.
+    s, t = logits((4, 10), seed=17, grad=False), logits((4, 10), seed=18, grad=False)
+    p = torch.softmax(t / 2, -1)
+    q = torch.softmax(s / 2, -1)
+    want = (p * (p.log() - q.log())).sum(-1).mean()
+    assert forward_kl(s, t, temperature=2.0).item() == pytest.approx(want.item(), rel=1e-5)
+
+
+def test_fast_terms_chunked_equals_one_chunk_all_terms():
+    s, t = logits((6, 5, 21), seed=19), logits((6, 5, 21), seed=20)
+    labels = torch.randint(0, 21, (6, 5), generator=torch.Generator().manual_seed(21))
+    kw = dict(temperature=1.7, alpha=0.2, labels=labels)
+    one = fused.kd_terms(s, t, fused.TERMS, chunk_elements=10**9, **kw)
+    many = fused.kd_terms(s, t, fused.TERMS, chunk_elements=21 * 4, **kw)
+    assert torch.equal(one, many)  # same arithmetic per row, whatever the chunking
+
+
+def test_kd_loss_gradient_matches_reference_with_cross_entropy():
+    shape = (3, 4, 7, 33)
+    s, t = logits(shape, seed=22, dtype=torch.float64), logits(shape, seed=23, dtype=torch.float64)
+    labels = torch.randint(0, 33, shape[:-1], generator=torch.Generator().manual_seed(24))
+    coef = torch.rand(*shape[:-1], len(fused.TERMS), generator=torch.Generator().manual_seed(25), dtype=torch.float64)
+    loss, values = fused.kd_loss(s, t, fused.TERMS, coef, temperature=1.9, alpha=0.15, labels=labels,
+                                 chunk_elements=33 * 5)
+    ref = torch.stack([reference.forward_kl(s, t, 1.9), reference.reverse_kl(s, t, 1.9),
+                       reference.skewed_forward_kl(s, t, 0.15, 1.9), reference.skewed_reverse_kl(s, t, 0.15, 1.9),
+                       reference.adaptive_kl(s, t, 0.5, 1.9), reference.cross_entropy(s, labels)], -1)
+    ref_loss = (coef * ref).sum()
+    assert_close(loss, ref_loss)
+    assert_close(values, ref.detach())
+    for a_, b_ in zip(torch.autograd.grad(loss, (s, t)), torch.autograd.grad(ref_loss, (s, t))):
+        assert_close(a_, b_)
+
+
+def test_compiled_kernel_matches_eager(monkeypatch):
+    import warnings
+
+    shape = (2, 3, 5, 37)
+    s, t = logits(shape, seed=26), logits(shape, seed=27)
+    coef = torch.rand(*shape[:-1], 4, generator=torch.Generator().manual_seed(28))
+    terms = fused.TERMS[:4]
+    eager = fused.kd_loss(s, t, terms, coef, temperature=2.0, alpha=0.1, chunk_elements=37 * 7)[0]
+    (g_eager,) = torch.autograd.grad(eager, s)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # a fallback to eager would hide the compile
+        for T in (2.0, 1.4):  # a new temperature must not need a new kernel
+            comp = fused.kd_loss(s, t, terms, coef, temperature=T, alpha=0.1, chunk_elements=37 * 7,
+                                 compile=True)[0]
+            want = fused.kd_loss(s, t, terms, coef, temperature=T, alpha=0.1, chunk_elements=37 * 7)[0]
+            assert_close(comp, want)
+    assert not fused._compile_failed
+    (g_comp,) = torch.autograd.grad(
+        fused.kd_loss(s, t, terms, coef, temperature=2.0, alpha=0.1, chunk_elements=37 * 7, compile=True)[0], s)
+    assert_close(g_comp, g_eager)
+
+
+# --------------------------------------------------------------------------------------------
+# errors
+# --------------------------------------------------------------------------------------------
+
+
+def _check_error(exc_type, arg, fn, *args, **kwargs):
+    with pytest.raises(exc_type) as info:
+        fn(*args, **kwargs)
+    assert isinstance(info.value, KdqError) and isinstance(info.value, ValueError)
+    assert isinstance(info.value, LossInputError)
+    assert arg in str(info.value)
+    return str(info.value)
+
+
+def test_errors():
+    s, t = logits((2, 3, 8), seed=29), logits((2, 3, 8), seed=30)
+    msg = _check_error(LogitsShapeError, "teacher_logits", forward_kl, s, logits((2, 3, 9), seed=1))
+    assert "vocabulary" in msg and "(2, 3, 8)" in msg
+    _check_error(LogitsShapeError, "teacher_logits", reverse_kl, s, logits((2, 4, 8), seed=1))
+    _check_error(LogitsShapeError, "student_logits", forward_kl, torch.ones(2, 3, 8, dtype=torch.long), t)
+    _check_error(LogitsShapeError, "teacher_logits", forward_kl, s, [1.0])
+    msg = _check_error(MaskError, "mask", forward_kl, s, t, mask=torch.ones(2, 3, 8, dtype=torch.bool))
+    assert "(2, 3)" in msg
+    _check_error(MaskError, "mask", forward_kl, s, t, mask=torch.ones(2, 3))
+    for bad in (0.0, -1.0, float("nan"), float("inf"), "hot"):
+        _check_error(TemperatureError, "temperature", skewed_forward_kl, s, t, temperature=bad)
+    for bad in (1.0, -0.1, 1.5, float("nan")):
+        msg = _check_error(AlphaError, "alpha", skewed_forward_kl, s, t, alpha=bad)
+        assert "[0, 1)" in msg
+        _check_error(AlphaError, "alpha", skewed_reverse_kl, s, t, alpha=bad)
+    msg = _check_error(ReductionError, "reduction", forward_kl, s, t, reduction="avg")
+    assert "'mean'" in msg
+    for bad in (0.0, 1.0):
+        _check_error(AlphaError, "beta", generalized_jsd, s, t, beta=bad)
+    _check_error(LossInputError, "head_mass", adaptive_kl, s, t, head_mass=0.0)
+
+
+# --------------------------------------------------------------------------------------------
+# hypothesis properties
+# --------------------------------------------------------------------------------------------
+
+PROP = settings(max_examples=25, deadline=None)
+rows = st.integers(1, 6)
+vocab = st.integers(2, 40)
+seeds = st.integers(0, 2**31 - 1)
+temps = st.floats(0.3, 5.0)
+alphas = st.floats(0.01, 0.95)
+scales = st.floats(0.1, 20.0)
+
+
+@PROP
+@given(rows, vocab, seeds, temps, alphas, scales, st.sampled_from(list(CASES)))
+def test_prop_nonnegative_and_zero_when_equal(n, v, seed, T, a, scale, name):
+    s, t = logits((n, v), seed=seed, scale=scale, grad=False), logits((n, v), seed=seed + 1, scale=scale, grad=False)
+    val = _call(name, s, t, T=T, a=a, reduction="none")
+    assert (val >= -1e-6).all()
+    same = _call(name, s, s.clone(), T=T, a=a, reduction="none")
+    assert same.abs().max() <= 1e-5
+
+
+@PROP
+@given(rows, vocab, seeds, temps, alphas, scales)
+def test_prop_skew_limits(n, v, seed, T, a, scale):
+    s, t = logits((n, v), seed=seed, scale=scale, grad=False), logits((n, v), seed=seed + 1, scale=scale, grad=False)
+    kw = dict(temperature=T, reduction="none")
+    assert torch.allclose(skewed_forward_kl(s, t, alpha=0.0, **kw), forward_kl(s, t, **kw), atol=1e-6, rtol=1e-5)
+    assert torch.allclose(skewed_reverse_kl(s, t, alpha=0.0, **kw), reverse_kl(s, t, **kw), atol=1e-6, rtol=1e-5)
+    bound = -math.log(a) + 1e-5
+    assert (skewed_forward_kl(s, t, alpha=a, **kw) <= bound).all()
+    assert (skewed_reverse_kl(s, t, alpha=a, **kw) <= bound).all()
+    hb = -a * math.log(a) - (1 - a) * math.log1p(-a) + 1e-5  # binary entropy bounds the JSD
+    assert (generalized_jsd(s, t, beta=a, **kw) <= hb).all()
+
+
+@PROP
+@given(rows, vocab, seeds, temps, alphas, st.sampled_from(list(CASES)), st.floats(-50.0, 50.0))
+def test_prop_shift_invariance(n, v, seed, T, a, name, c):
+    s, t = logits((n, v), seed=seed, grad=False), logits((n, v), seed=seed + 1, grad=False)
+    shift = torch.linspace(-1.0, 1.0, n)[:, None] * c  # a different constant per position
+    base = _call(name, s, t, T=T, a=a, reduction="none")
+    moved = _call(name, s + shift, t - 0.5 * shift, T=T, a=a, reduction="none")
+    assert torch.allclose(base, moved, atol=2e-4, rtol=1e-3)
+
+
+@PROP
+@given(st.integers(2, 6), vocab, seeds, temps, alphas, st.sampled_from(list(CASES)))
+def test_prop_masked_positions_change_neither_value_nor_gradient(n, v, seed, T, a, name):
+    mask = random_mask((n,), seed=seed)
+    mask[0] = True
+    s, t = logits((n, v), seed=seed), logits((n, v), seed=seed + 1)
+    s2 = torch.where(mask[:, None], s.detach(), torch.randn(n, v) * 100).requires_grad_()
+    t2 = torch.where(mask[:, None], t.detach(), torch.randn(n, v) * 100).requires_grad_()
+    v1 = _call(name, s, t, T=T, a=a, mask=mask)
+    v2 = _call(name, s2, t2, T=T, a=a, mask=mask)
+    assert torch.equal(v1, v2)
+    g1 = torch.autograd.grad(v1, (s, t))
+    g2 = torch.autograd.grad(v2, (s2, t2))
+    for x, y in zip(g1, g2):
+        assert torch.equal(x, y)
+
+
+@PROP
+@given(st.integers(1, 30), vocab, seeds, temps, alphas, st.integers(1, 12))
+def test_prop_chunked_equals_unchunked(n, v, seed, T, a, rows_per_chunk):
+    s, t = logits((n, v), seed=seed), logits((n, v), seed=seed + 1)
+    coef = torch.rand(n, 5, generator=torch.Generator().manual_seed(seed))
+    terms = fused.TERMS[:5]
+    kw = dict(temperature=T, alpha=a)
+    l1, v1 = fused.kd_loss(s, t, terms, coef, chunk_elements=10**9, **kw)
+    l2, v2 = fused.kd_loss(s, t, terms, coef, chunk_elements=rows_per_chunk * v, **kw)
+    assert torch.equal(v1, v2)
+    assert torch.allclose(l1, l2, rtol=1e-6, atol=1e-7)
+    assert torch.equal(torch.autograd.grad(l1, s)[0], torch.autograd.grad(l2, s)[0])
+
+
+def test_tolerance_table_covers_every_dtype_used():
+    assert set(TOL) == {torch.float64, torch.float32, torch.float16, torch.bfloat16}

@@ -1,0 +1,149 @@
+"""kdq.schedules: values, smooth stage transitions, JSON round-trip, repr, errors."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kdq.errors import KdqError
+from kdq.schedules import (
+    Constant,
+    Cosine,
+    Exponential,
+    Linear,
+    Schedule,
+    ScheduleError,
+    Staged,
+    as_schedule,
+    from_dict,
+    staged,
+)
+
+
+def test_ramps_hit_their_end_points_and_hold():
+    for cls in (Linear, Cosine, Exponential):
+        s = cls(2.0, 0.5, 100, begin=50)
+        assert s(0) == 2.0 and s(50) == 2.0
+        assert s(150) == pytest.approx(0.5) and s(10_000) == pytest.approx(0.5)
+        mid = s(100)
+        assert 0.5 < mid < 2.0
+    assert Linear(2.0, 0.5, 100)(50) == pytest.approx(1.25)
+    assert Cosine(2.0, 0.5, 100)(50) == pytest.approx(1.25)
+    assert Cosine(2.0, 0.5, 100)(25) == pytest.approx(0.5 + 1.5 * (1 + math.cos(math.pi / 4)) / 2)
+    assert Exponential(2.0, 0.5, 100)(50) == pytest.approx(1.0)  # geometric mean
+    assert Constant(3.0)(123) == 3.0
+
+
+def test_cosine_is_flat_at_both_ends_linear_is_not():
+    c, lin = Cosine(1.0, 0.0, 1000), Linear(1.0, 0.0, 1000)
+    assert abs(c(1) - c(0)) < 1e-5 and abs(c(1000) - c(999)) < 1e-5
+    assert abs(lin(1) - lin(0)) == pytest.approx(1e-3)
+
+
+@pytest.mark.parametrize("transition", ["cosine", "sigmoid"])
+def test_staged_transitions_are_smooth_and_weights_sum_to_one(transition):
+    s = staged([1.0, 0.2, 0.6], [300, 700], transition=transition, width=100)
+    assert s(0) == pytest.approx(1.0, abs=1e-3) and s(500) == pytest.approx(0.2, abs=1e-3)
+    assert s(1000) == pytest.approx(0.6, abs=1e-3)
+    assert s(300) == pytest.approx(0.6)  # half-way at the boundary
+    values = [s(x) for x in range(0, 1001)]
+    jumps = [abs(b - a) for a, b in zip(values, values[1:])]
+    assert max(jumps) < 0.8 / 100 * 2.5  # no jump: spread over the 100-step window
+    for x in range(0, 1001, 17):
+        w = s.stage_weights(x)
+        assert all(v >= 0 for v in w) and sum(w) == pytest.approx(1.0)
+
+
+def test_staged_step_transition_switches_hard():
+    s = staged([1.0, 0.0], [10], transition="step")
+    assert s(9.999) == 1.0 and s(10) == 0.0
+    assert staged([1.0, 0.0], [10], width=0)(9.5) == 1.0
+
+
+def test_staged_pieces_are_evaluated_at_the_global_step():
+    s = Staged((Constant(2.0), Cosine(2.0, 1.0, 500, begin=300)), (300,))
+    assert s(0) == 2.0 and s(299) == 2.0 and s(550) == pytest.approx(1.5) and s(900) == 1.0
+
+
+ANY = st.recursive(
+    st.one_of(
+        st.builds(Constant, st.floats(-5, 5)),
+        st.builds(Linear, st.floats(-5, 5), st.floats(-5, 5), st.floats(1, 1e4), st.floats(0, 1e4)),
+        st.builds(Cosine, st.floats(-5, 5), st.floats(-5, 5), st.floats(1, 1e4), st.floats(0, 1e4)),
+        st.builds(Exponential, st.floats(0.01, 5), st.floats(0.01, 5), st.floats(1, 1e4)),
+    ),
+    lambda inner: st.lists(inner, min_size=1, max_size=3).flatmap(
+        lambda pieces: st.builds(
+            Staged,
+            st.just(tuple(pieces)),
+            st.lists(st.floats(0, 1e4), min_size=len(pieces) - 1, max_size=len(pieces) - 1, unique=True).map(
+                lambda b: tuple(sorted(b))),
+            st.sampled_from(["cosine", "sigmoid", "step"]),
+            st.floats(0, 500),
+        )
+    ),
+    max_leaves=6,
+)
+
+
+@settings(max_examples=40, deadline=None)
+@given(ANY, st.lists(st.floats(0, 2e4), min_size=1, max_size=5))
+def test_prop_json_round_trip_is_exact(schedule, steps):
+    back = from_dict(json.loads(json.dumps(schedule.to_dict())))
+    assert back == schedule
+    assert repr(back) == repr(schedule)
+    assert [back(x) for x in steps] == [schedule(x) for x in steps]
+    assert Schedule.from_dict(json.loads(schedule.to_json())) == schedule
+
+
+def test_repr_is_readable():
+    assert repr(Constant(2)) == "Constant(2)"
+    assert repr(Cosine(2.0, 1.0, 1000)) == "Cosine(2 -> 1 over steps [0, 1000])"
+    s = staged([1.0, Linear(1.0, 0.5, 100, begin=300)], [300], width=60)
+    assert repr(s) == "Staged(Constant(1) | @300 Linear(1 -> 0.5 over steps [300, 400]); cosine, width 60)"
+
+
+def test_as_schedule():
+    assert as_schedule(2) == Constant(2.0)
+    assert as_schedule({"kind": "constant", "value": 1.5}) == Constant(1.5)
+    c = Cosine(1, 0, 5)
+    assert as_schedule(c) is c
+
+
+@pytest.mark.parametrize(
+    "build, arg",
+    [
+        (lambda: Linear(1, 0, 0), "steps"),
+        (lambda: Linear(1, 0, -5), "steps"),
+        (lambda: Cosine(float("nan"), 0, 5), "start"),
+        (lambda: Exponential(0.0, 1.0, 10), "start"),
+        (lambda: Exponential(1.0, -1.0, 10), "end"),
+        (lambda: Constant("high"), "value"),
+        (lambda: staged([1.0, 2.0], [5, 6]), "boundaries"),
+        (lambda: staged([1.0, 2.0, 3.0], [6, 5]), "boundaries"),
+        (lambda: staged([1.0, 2.0], [5], transition="cosin"), "transition"),
+        (lambda: staged([1.0, 2.0], [5], width=-1), "width"),
+        (lambda: Staged((), ()), "pieces"),
+        (lambda: as_schedule("fast"), "schedule"),
+        (lambda: from_dict({"kind": "cosin", "start": 1, "end": 0, "steps": 5}), "kind"),
+        (lambda: from_dict({"kind": "linear", "start": 1, "end": 0, "stepz": 5}), "linear key"),
+        (lambda: from_dict({"kind": "linear", "start": 1}), "linear"),
+        (lambda: from_dict([1, 2]), "data"),
+    ],
+)
+def test_errors(build, arg):
+    with pytest.raises(ScheduleError) as info:
+        build()
+    assert isinstance(info.value, KdqError) and isinstance(info.value, ValueError)
+    assert str(info.value).startswith(arg + "=")
+
+
+def test_unknown_kind_suggests_the_right_one():
+    with pytest.raises(ScheduleError, match="did you mean 'cosine'"):
+        from_dict({"kind": "cosin"})
+    with pytest.raises(ScheduleError, match="steps"):
+        from_dict({"kind": "linear", "start": 1, "end": 0, "stepz": 5})

@@ -1,0 +1,299 @@
+"""StageMixedKL: the contract of issue 2 (components, weights, T**2, stateless, config round-trip),
+fast path vs the naive reference composition, codebook/time weighting, cross-entropy, errors."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from _loss_helpers import assert_close, logits, random_mask
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kdq.errors import KdqError
+from kdq.losses import (
+    AlphaError,
+    LogitsShapeError,
+    MaskError,
+    StageMixedKL,
+    StageMixedKLConfigError,
+    TemperatureError,
+    adaptive_kl,
+    forward_kl,
+    reference,
+    reverse_kl,
+    skewed_forward_kl,
+    skewed_reverse_kl,
+)
+from kdq.schedules import Constant, Linear
+
+PUBLIC = {"forward_kl": forward_kl, "reverse_kl": reverse_kl, "skewed_forward_kl": skewed_forward_kl,
+          "skewed_reverse_kl": skewed_reverse_kl}
+
+
+def delay_mask(b: int, k: int, t: int) -> torch.Tensor:
+    """MusicGen's delay pattern: codebook k is shifted by k steps, so frames < k are padding."""
+    frames = torch.arange(t)[None, :]
+    return (frames >= torch.arange(k)[:, None]).expand(b, k, t).clone()
+
+
+def naive_loss(kd: StageMixedKL, s, t, step, mask):
+    """The naive composition (each term on its own, reference implementations) the benchmark times."""
+    return reference.naive_composition(s, t, kd.weights_at(step), kd.temperature_at(step), kd.alpha, mask)
+
+
+STEPS = [0, 150, 300, 512, 700, 999, 1000, 1500]
+
+
+@pytest.mark.parametrize("step", STEPS)
+def test_loss_is_sum_of_components_and_components_are_the_functions(step):
+    kd = StageMixedKL(1000)
+    shape = (2, 4, 9, 50)
+    s, t = logits(shape, seed=1), logits(shape, seed=2)
+    mask = delay_mask(2, 4, 9) & random_mask(shape[:-1], seed=3)
+    loss = kd(s, t, step=step, mask=mask)
+    parts = kd.components(s, t, step=step, mask=mask)
+    assert list(parts) == ["forward_kl", "reverse_kl", "skewed_forward_kl", "skewed_reverse_kl"]
+    total = sum(w * v for w, v in parts.values())
+    assert loss.shape == () and torch.allclose(loss, total, rtol=1e-5, atol=1e-7)
+    T = kd.temperature_at(step)
+    for name, (w, v) in parts.items():
+        kw = {"alpha": kd.alpha} if name.startswith("skewed") else {}
+        assert torch.equal(v, PUBLIC[name](s, t, temperature=T, mask=mask, reduction="mean", **kw)) or \
+            torch.allclose(v, PUBLIC[name](s, t, temperature=T, mask=mask, **kw), rtol=1e-6, atol=1e-7)
+        assert w == pytest.approx(kd.weights_at(step)[name])
+    # gradients of the fused loss == gradients of the sum of the components
+    g1 = torch.autograd.grad(loss, s)[0]
+    g2 = torch.autograd.grad(total, s)[0]
+    assert_close(g1, g2)
+
+
+@pytest.mark.parametrize(
+    "shape, dtype",
+    [((2, 4, 8, 40), torch.float64), ((3, 47, 31, 123), torch.float32), ((1, 3, 5, 7), torch.float32)],
+    ids=["fp64", "odd-fp32", "tiny-fp32"],
+)
+def test_fast_path_matches_naive_reference_composition(shape, dtype):
+    kd = StageMixedKL(100, chunk_elements=shape[-1] * 37)  # several chunks, last one partial
+    s, t = logits(shape, seed=4, dtype=dtype), logits(shape, seed=5, dtype=dtype)
+    mask = random_mask(shape[:-1], seed=6)
+    for step in (10, 55, 90):
+        fast = kd(s, t, step=step, mask=mask)
+        naive = naive_loss(kd, s, t, step, mask)
+        assert_close(fast, naive)
+        for a, b in zip(torch.autograd.grad(fast, (s, t)), torch.autograd.grad(naive, (s, t))):
+            assert_close(a, b)
+
+
+def test_default_config_is_the_documented_reconstruction():
+    n = 1000
+    kd = StageMixedKL(n)
+    assert kd.alpha == 0.1 and kd.t2_scale is True
+    assert kd.temperature_at(0) == pytest.approx(2.0) and kd.temperature_at(n) == pytest.approx(1.0)
+    temps = [kd.temperature_at(s) for s in range(0, n + 1, 10)]
+    assert all(b <= a for a, b in zip(temps, temps[1:]))  # anneals monotonically
+    early, late = kd.weights_at(0), kd.weights_at(n)
+    assert early["forward_kl"] > 0.5 * sum(early.values())  # early: forward KL leads
+    assert early["reverse_kl"] == 0 and early["skewed_reverse_kl"] == 0
+    assert late["reverse_kl"] + late["skewed_reverse_kl"] + late["skewed_forward_kl"] > 0.8 * sum(late.values())
+    for step in range(0, n + 1, 25):  # stage weights sum to 1; the rest is T**2
+        assert sum(kd.weights_at(step).values()) == pytest.approx(kd.temperature_at(step) ** 2)
+
+
+def test_t2_convention_lives_in_the_weights_and_keeps_gradient_scale():
+    shape = (4, 3, 6, 30)
+    s, t = logits(shape, seed=7, scale=0.3), logits(shape, seed=8, scale=0.3)
+    norms = {}
+    for t2 in (True, False):
+        for T in (4.0, 8.0):
+            kd = StageMixedKL(10, weights={"forward_kl": 1.0}, temperature=T, t2_scale=t2)
+            assert kd.weights_at(3)["forward_kl"] == pytest.approx(T * T if t2 else 1.0)
+            (g,) = torch.autograd.grad(kd(s, t, step=3), s)
+            norms[t2, T] = g.norm().item()
+    # Hinton: with T**2 the gradient size barely moves with T; without it, it falls as 1/T**2
+    assert norms[True, 8.0] / norms[True, 4.0] == pytest.approx(1.0, rel=0.05)
+    assert norms[False, 8.0] / norms[False, 4.0] == pytest.approx(0.25, rel=0.05)
+
+
+def test_codebook_weights():
+    shape = (2, 4, 7, 25)
+    s, t = logits(shape, seed=9), logits(shape, seed=10)
+    mask = random_mask(shape[:-1], seed=11)
+    kd = StageMixedKL(10, weights={"forward_kl": 1.0, "reverse_kl": 0.5}, codebook_weights=[1, 0, 0, 0],
+                      temperature=1.5)
+    parts = kd.components(s, t, step=0, mask=mask)
+    assert list(parts) == ["weighted_forward_kl", "weighted_reverse_kl"]
+    only0 = mask.clone()
+    only0[:, 1:] = False
+    assert torch.allclose(parts["weighted_forward_kl"][1], forward_kl(s, t, temperature=1.5, mask=only0))
+    loss = kd(s, t, step=0, mask=mask)
+    assert torch.allclose(loss, sum(w * v for w, v in parts.values()), rtol=1e-6)
+    g = torch.autograd.grad(loss, s)[0]
+    assert (g[:, 1:] == 0).all() and (g[:, 0] != 0).any()
+    # general weights: a weighted mean over positions
+    kd2 = StageMixedKL(10, weights={"reverse_kl": 1.0}, codebook_weights=[1.0, 0.5, 0.25, 2.0], t2_scale=False,
+                      temperature=1.0)
+    w = torch.tensor([1.0, 0.5, 0.25, 2.0])[None, :, None] * mask
+    per = reverse_kl(s, t, reduction="none")
+    assert torch.allclose(kd2(s, t, step=0, mask=mask), (per * w).sum() / w.sum(), rtol=1e-6)
+
+
+def test_time_weighting():
+    shape = (2, 3, 10, 20)
+    s, t = logits(shape, seed=12), logits(shape, seed=13)
+    mask = random_mask(shape[:-1], seed=14)
+    tw = Linear(1.0, 0.1, 9)
+    kd = StageMixedKL(10, weights={"skewed_forward_kl": 1.0}, time_weighting=tw, t2_scale=False, temperature=1.0)
+    w = torch.tensor([tw(i) for i in range(10)]) * mask
+    per = skewed_forward_kl(s, t, alpha=0.1, reduction="none")
+    want = (per * w).sum() / w.sum()
+    assert torch.allclose(kd(s, t, step=0, mask=mask), want, rtol=1e-6)
+    assert torch.allclose(kd.components(s, t, step=0, mask=mask)["weighted_skewed_forward_kl"][1], want, rtol=1e-6)
+    flat = StageMixedKL(10, weights={"skewed_forward_kl": 1.0}, time_weighting=Constant(1.0), t2_scale=False,
+                        temperature=1.0)
+    assert torch.allclose(flat(s, t, step=0, mask=mask), skewed_forward_kl(s, t, mask=mask), rtol=1e-6)
+
+
+def test_cross_entropy_on_labels_with_ignore_index():
+    shape = (2, 4, 6, 30)
+    s, t = logits(shape, seed=15, dtype=torch.float64), logits(shape, seed=16, dtype=torch.float64)
+    labels = torch.randint(0, 30, shape[:-1], generator=torch.Generator().manual_seed(17))
+    labels[:, :, :2] = -100
+    mask = random_mask(shape[:-1], seed=18)
+    kd = StageMixedKL(10, weights={"forward_kl": 1.0, "cross_entropy": 0.5}, temperature=2.0)
+    parts = kd.components(s, t, step=0, mask=mask, labels=labels)
+    keep = mask & (labels != -100)
+    want_ce = F.cross_entropy(s[keep], labels[keep])
+    assert_close(parts["cross_entropy"][1], want_ce)
+    assert parts["cross_entropy"][0] == 0.5 and parts["forward_kl"][0] == 4.0  # CE never gets T**2
+    loss = kd(s, t, step=0, mask=mask, labels=labels)
+    ref = 4.0 * reference.forward_kl(s, t, 2.0)[mask].mean() + 0.5 * want_ce
+    assert_close(loss, ref)
+    assert_close(torch.autograd.grad(loss, s)[0], torch.autograd.grad(ref, s)[0])
+
+
+def test_adaptive_component():
+    shape = (2, 2, 5, 16)
+    s, t = logits(shape, seed=19), logits(shape, seed=20)
+    kd = StageMixedKL(10, weights={"adaptive_kl": 1.0}, temperature=1.0, head_mass=0.4)
+    (w, v), = kd.components(s, t, step=0).values()
+    assert torch.allclose(v, adaptive_kl(s, t, head_mass=0.4))
+    assert torch.allclose(kd(s, t, step=0), v)
+
+
+def test_stateless_in_step():
+    kd = StageMixedKL(1000)
+    assert list(kd.parameters()) == [] and list(kd.buffers()) == []
+    s, t = logits((2, 4, 5, 12), seed=21), logits((2, 4, 5, 12), seed=22)
+    a = kd(s, t, step=5)
+    kd(s, t, step=900)
+    kd(s, t, step=torch.tensor(400))
+    assert torch.equal(a, kd(s, t, step=5))
+    # micro-batches of an accumulation with the same step add up to the full batch (mean of means)
+    full = kd(s, t, step=640)
+    halves = (kd(s[:1], t[:1], step=640) + kd(s[1:], t[1:], step=640)) / 2
+    assert torch.allclose(full, halves, rtol=1e-6)
+
+
+def test_config_round_trip_through_json():
+    kd = StageMixedKL(500, alpha=0.2, codebook_weights=[1, 0.5], time_weighting=Linear(1.0, 0.5, 10),
+                      weights={"forward_kl": Linear(1.0, 0.0, 500), "reverse_kl": 0.3, "cross_entropy": 0.1},
+                      temperature=Constant(1.5), ignore_index=-1, chunk_elements=1000, compile=False)
+    data = json.loads(json.dumps(kd.to_dict()))
+    back = StageMixedKL.from_dict(data)
+    assert back.to_dict() == kd.to_dict()
+    assert repr(back) == repr(kd)
+    s, t = logits((2, 2, 10, 9), seed=23), logits((2, 2, 10, 9), seed=24)
+    labels = torch.randint(0, 9, (2, 2, 10), generator=torch.Generator().manual_seed(25))
+    assert torch.equal(kd(s, t, step=123, labels=labels), back(s, t, step=123, labels=labels))
+    default = StageMixedKL(77)
+    assert StageMixedKL.from_dict(json.loads(json.dumps(default.to_dict()))).to_dict() == default.to_dict()
+
+
+def test_repr_prints_formula_with_current_weights():
+    kd = StageMixedKL(1000)
+    text = repr(kd)
+    assert "loss(step=0) = 3.2*forward_kl + 0*reverse_kl + 0.8*skewed_forward_kl + 0*skewed_reverse_kl" in text
+    assert "T=2" in text and "T^2=4" in text and "Cosine(2 -> 1 over steps [0, 1000])" in text
+    s, t = logits((1, 4, 3, 8), seed=26), logits((1, 4, 3, 8), seed=27)
+    kd(s, t, step=1000)
+    assert "loss(step=1000) = 0.1*forward_kl + 0.4*reverse_kl + 0.2*skewed_forward_kl + 0.3*skewed_reverse_kl" \
+        in repr(kd)
+
+
+def test_masked_positions_get_zero_gradient_and_half_inputs_are_finite():
+    shape = (2, 4, 6, 32)
+    mask = delay_mask(2, 4, 6)
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        s0 = (torch.sign(torch.randn(shape, generator=torch.Generator().manual_seed(28))) * 1e4).to(dtype)
+        t0 = (torch.sign(torch.randn(shape, generator=torch.Generator().manual_seed(29))) * 1e4).to(dtype)
+        s0[~mask] = float("nan")
+        s = s0.requires_grad_()
+        t = t0.requires_grad_()
+        kd = StageMixedKL(100, weights={"forward_kl": 1.0, "reverse_kl": 1.0, "skewed_forward_kl": 1.0,
+                                        "skewed_reverse_kl": 1.0, "adaptive_kl": 1.0})
+        loss = kd(s, t, step=50, mask=mask)
+        assert torch.isfinite(loss)
+        gs, gt = torch.autograd.grad(loss, (s, t))
+        assert gs.dtype == dtype
+        assert (gs[~mask] == 0).all() and (gt[~mask] == 0).all()
+        assert torch.isfinite(gs).all() and torch.isfinite(gt).all()
+    empty = StageMixedKL(10)(logits(shape, seed=1), logits(shape, seed=2), step=0,
+                             mask=torch.zeros(shape[:-1], dtype=torch.bool))
+    assert empty.item() == 0.0
+
+
+@settings(max_examples=20, deadline=None)
+@given(st.integers(1, 3), st.integers(1, 4), st.integers(1, 6), st.integers(2, 30), st.integers(0, 2**31 - 1),
+       st.floats(0, 1200), st.floats(0.0, 0.9))
+def test_prop_loss_equals_sum_of_components(b, k, t_len, v, seed, step, alpha):
+    shape = (b, k, t_len, v)
+    s, t = logits(shape, seed=seed), logits(shape, seed=seed + 1)
+    mask = random_mask(shape[:-1], seed=seed)
+    kd = StageMixedKL(1000, alpha=alpha, chunk_elements=v * 3)
+    loss = kd(s, t, step=step, mask=mask)
+    total = sum(w * v_ for w, v_ in kd.components(s, t, step=step, mask=mask).values())
+    assert torch.allclose(loss, total, rtol=1e-5, atol=1e-6)
+    assert loss.item() >= -1e-6
+
+
+def _err(exc_type, arg, fn):
+    with pytest.raises(exc_type) as info:
+        fn()
+    assert isinstance(info.value, KdqError) and isinstance(info.value, ValueError)
+    assert arg in str(info.value)
+
+
+def test_errors():
+    s, t = logits((2, 4, 5, 10), seed=30), logits((2, 4, 5, 10), seed=31)
+    _err(StageMixedKLConfigError, "total_steps", lambda: StageMixedKL(0))
+    _err(StageMixedKLConfigError, "total_steps", lambda: StageMixedKL(10.5))
+    _err(StageMixedKLConfigError, "weights key", lambda: StageMixedKL(10, weights={"forward_k": 1.0}))
+    _err(StageMixedKLConfigError, "weights", lambda: StageMixedKL(10, weights={}))
+    _err(StageMixedKLConfigError, "weights['reverse_kl']", lambda: StageMixedKL(10, weights={"reverse_kl": "x"}))
+    _err(AlphaError, "alpha", lambda: StageMixedKL(10, alpha=1.0))
+    _err(StageMixedKLConfigError, "compile", lambda: StageMixedKL(10, compile="yes"))
+    _err(StageMixedKLConfigError, "codebook_weights", lambda: StageMixedKL(10, codebook_weights=[0, 0]))
+    _err(StageMixedKLConfigError, "codebook_weights", lambda: StageMixedKL(10, codebook_weights=[1, -1]))
+    _err(StageMixedKLConfigError, "head_mass", lambda: StageMixedKL(10, head_mass=0))
+    _err(StageMixedKLConfigError, "chunk_elements", lambda: StageMixedKL(10, chunk_elements=0))
+    _err(StageMixedKLConfigError, "config key", lambda: StageMixedKL.from_dict({"total_steps": 5, "alfa": 0.1}))
+    kd = StageMixedKL(10)
+    _err(StageMixedKLConfigError, "step", lambda: kd(s, t, step=-1))
+    _err(StageMixedKLConfigError, "step", lambda: kd(s, t, step=float("nan")))
+    _err(LogitsShapeError, "teacher_logits", lambda: kd(s, t[..., :9], step=0))
+    _err(MaskError, "mask", lambda: kd(s, t, step=0, mask=torch.ones(2, 4, 5, 10, dtype=torch.bool)))
+    _err(TemperatureError, "temperature", lambda: StageMixedKL(10, temperature=Linear(1.0, -1.0, 10))(s, t, step=9))
+    _err(LogitsShapeError, "codebook_weights", lambda: StageMixedKL(10, codebook_weights=[1, 1, 1])(s, t, step=0))
+    ce = StageMixedKL(10, weights={"cross_entropy": 1.0})
+    _err(StageMixedKLConfigError, "labels", lambda: ce(s, t, step=0))
+    bad = torch.full((2, 4, 5), 10)
+    _err(LogitsShapeError, "labels", lambda: ce(s, t, step=0, labels=bad))
+    _err(LogitsShapeError, "labels", lambda: ce(s, t, step=0, labels=torch.zeros(2, 4, dtype=torch.long)))
+    _err(MaskError, "labels", lambda: ce(s, t, step=0, labels=torch.zeros(2, 4, 5)))
+    tw = StageMixedKL(10, time_weighting=Linear(1.0, -1.0, 2))
+    _err(StageMixedKLConfigError, "time_weighting", lambda: tw(s, t, step=0))
+    assert math.isfinite(StageMixedKL(10)(s, t, step=10**6).item())  # past the end: schedules hold
