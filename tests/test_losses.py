@@ -4,6 +4,7 @@ masks, reductions, errors, and hypothesis properties."""
 from __future__ import annotations
 
 import math
+import shutil
 
 import pytest
 import torch
@@ -215,7 +216,9 @@ def test_kd_loss_gradient_matches_reference_with_cross_entropy():
         assert_close(a_, b_)
 
 
-def test_compiled_kernel_matches_eager(monkeypatch):
+@pytest.mark.skipif(not (shutil.which("c++") or shutil.which("g++")),
+                    reason="torch.compile on CPU needs a C++ compiler (the kernel falls back to eager)")
+def test_compiled_kernel_matches_eager():
     import warnings
 
     shape = (2, 3, 5, 37)

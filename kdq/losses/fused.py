@@ -336,6 +336,8 @@ class _LossFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, gloss, _gvalues):  # type: ignore[override]
         gs, gt = ctx.saved_tensors
+        if bool(gloss == 1):  # the usual loss.backward(): hand over the stored gradient, no copy
+            return gs, gt, None, None, None, None, None, None, None, None
         gs = None if gs is None else gs * gloss.to(gs.dtype)
         gt = None if gt is None else gt * gloss.to(gt.dtype)
         return gs, gt, None, None, None, None, None, None, None, None
