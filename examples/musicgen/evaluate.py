@@ -190,7 +190,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     p.add_argument("--codec", help="EnCodec or MusicGen folder whose encoder gives the codec latents")
     p.add_argument("--clap-mini", help="clap-mini (proxy) cache folder")
     p.add_argument("--train-clap-mini", metavar="ROOT", help="train clap-mini on ROOT/train into --clap-mini if absent")
-    p.add_argument("--clap-mini-steps", type=int, default=800)
+    p.add_argument("--clap-mini-steps", type=int, default=1000)
     p.add_argument("--bootstrap", type=int, default=0, help="bootstrap replicates for FAD intervals")
     p.add_argument("--baseline", help="result JSON of the uncompressed model, for retention")
     p.add_argument("--out", help="write the result JSON here")
@@ -199,7 +199,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     if args.train_clap_mini:
         if not args.clap_mini:
             p.error("--train-clap-mini needs --clap-mini (the cache folder)")
-        train_clap_mini(args.train_clap_mini, out_dir=args.clap_mini, steps=args.clap_mini_steps)
+        # The settings documented in docs/metrics.md (and used by metrics_demo.py).
+        train_clap_mini(args.train_clap_mini, out_dir=args.clap_mini, steps=args.clap_mini_steps,
+                        weight_decay=0.05, spec_augment=True)
     embedders, missing = offline_embedders(clap=args.clap, vggish=args.vggish, codec=args.codec, clap_mini=args.clap_mini)
     if not embedders:
         p.error("no embedder is available: " + "; ".join(f"{k}: {v}" for k, v in missing.items()))

@@ -11,6 +11,7 @@ from kdq.metrics.frechet import (
     frechet_bootstrap,
     frechet_distance,
     frechet_distance_from_stats,
+    frechet_distance_reference,
     gaussian_stats,
 )
 from kdq.metrics.scores import (
@@ -32,6 +33,7 @@ __all__ = [
     "frechet_bootstrap",
     "frechet_distance",
     "frechet_distance_from_stats",
+    "frechet_distance_reference",
     "gaussian_stats",
     "retention",
     "retention_table",

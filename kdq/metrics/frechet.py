@@ -34,6 +34,7 @@ __all__ = [
     "frechet_bootstrap",
     "frechet_distance",
     "frechet_distance_from_stats",
+    "frechet_distance_reference",
     "gaussian_stats",
 ]
 
@@ -178,6 +179,21 @@ def frechet_distance(embeddings_a: np.ndarray, embeddings_b: np.ndarray, *, eps:
     mu_a, s_a = a.mean(axis=0), np.atleast_2d(np.cov(a, rowvar=False))
     mu_b, s_b = b.mean(axis=0), np.atleast_2d(np.cov(b, rowvar=False))
     return frechet_distance_from_stats(mu_a, s_a, mu_b, s_b, eps=eps)
+
+
+def frechet_distance_reference(embeddings_a: np.ndarray, embeddings_b: np.ndarray) -> float:
+    """Plain reference for tests and benchmarks: the trace term from symmetric eigenvalues.
+
+    ``Tr (S_a S_b)^(1/2) = sum sqrt(eig(S_a^(1/2) S_b S_a^(1/2)))``, a symmetric PSD matrix, with
+    negative round-off eigenvalues clipped to 0. No input checks, no offset.
+    """
+    a, b = np.asarray(embeddings_a, np.float64), np.asarray(embeddings_b, np.float64)
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    s_a, s_b = np.atleast_2d(np.cov(a, rowvar=False)), np.atleast_2d(np.cov(b, rowvar=False))
+    w, v = np.linalg.eigh(s_a)
+    root_a = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+    tr_root = np.sqrt(np.clip(np.linalg.eigvalsh(root_a @ s_b @ root_a), 0, None)).sum()
+    return float(((mu_a - mu_b) ** 2).sum() + np.trace(s_a) + np.trace(s_b) - 2 * tr_root)
 
 
 @dataclass(frozen=True)
