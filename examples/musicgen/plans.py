@@ -80,3 +80,53 @@ def musicgen_groups(model: Any, granularity: str = "layer", *, include_codec_enc
     if include_codec_encoder:
         names.append("audio_encoder.encoder")
     return names
+
+
+def calibration_inputs(model: Any, *, batch: int = 2, frames: int = 16, text_len: int = 6, seed: int = 0) -> dict[str, Any]:
+    """Fixed random calibration inputs for ``musicgen_score``: text ids, decoder codes, audio codes.
+
+    Random codes are fine for random-weight models; for a trained model pass codes of real audio.
+    """
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    k = model.decoder.config.num_codebooks
+    vocab = model.decoder.config.vocab_size
+    text_vocab = model.text_encoder.config.vocab_size
+    ids = torch.randint(3, text_vocab, (batch, text_len), generator=g)
+    ids[:, -1] = 1
+    codes = torch.randint(0, vocab, (batch, k, frames), generator=g)
+    return {
+        "input_ids": ids,
+        "attention_mask": torch.ones_like(ids),
+        "decoder_input_ids": codes.reshape(batch * k, frames),
+        "audio_codes": codes[None],
+    }
+
+
+def musicgen_score(model: Any, *, audio_weight: float = 1.0, **calibration: Any):
+    """``score_fn`` for MusicGen: decoder logits KL to fp32 plus EnCodec's relative audio error.
+
+    The KL (nats per codebook position) covers the text encoder and the decoder; the relative error
+    of ``audio_encoder.decode`` on fixed codes covers EnCodec, which the logits never see.
+    Reference outputs are computed once, here, from ``model`` as it is (fp32). Each part is scoped
+    (the KL to text encoder, decoder and projection; the audio error to EnCodec), so the planner
+    skips the forward a converted group cannot change.
+    """
+    from kdq.quant.scores import OutputKL, RelativeError, SumOfScores
+
+    x = calibration_inputs(model, **calibration)
+
+    def logits(m):
+        return m(
+            input_ids=x["input_ids"], attention_mask=x["attention_mask"], decoder_input_ids=x["decoder_input_ids"]
+        ).logits
+
+    def audio(m):
+        return m.audio_encoder.decode(x["audio_codes"], [None]).audio_values
+
+    lm_scope = ["text_encoder", "decoder", "enc_to_dec_proj"]
+    return SumOfScores(
+        [OutputKL(logits, model, scope=lm_scope), RelativeError(audio, model, scope=["audio_encoder"])],
+        [1.0, audio_weight],
+    )

@@ -8,9 +8,10 @@ Mixed dtypes need casts where activations cross a boundary. When the plan leaves
 in something other than fp32, every module that holds floating tensors (in its subtree) gets a
 forward pre-hook that casts its floating tensor inputs (positional and keyword, one level into
 tuples/lists) to the module's compute dtype: ``fp16`` and ``bf16`` compute in themselves; ``fp32``,
-``int8`` and ``int4`` compute in fp32. Casts down to fp16 clamp to fp16's finite range first, so the
-``finfo(float32).min`` attention masks transformers builds stay finite. Outputs are not cast back:
-a model whose last module is fp16 returns fp16.
+``int8`` and ``int4`` compute in fp32. Casts down to fp16/bf16 clamp to the target's finite range
+first: ``finfo(float32).min`` (the usual additive attention mask) would otherwise round to ``-inf``
+and turn fully masked rows into NaN. Outputs are not cast back: a model whose last module is fp16
+returns fp16.
 
 Tied weights: a tensor held by several modules is converted once, with the dtype of the first module
 (in ``named_modules`` order) that holds it; the other holders follow it and share the converted
@@ -125,8 +126,8 @@ def check_rules_match(model: nn.Module, plan: Plan) -> None:
 # ---------------------------------------------------------------------------- converting
 def _cast(t: Any, dtype: torch.dtype) -> Any:
     if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != dtype:
-        if dtype == torch.float16 and t.dtype in (torch.float32, torch.float64, torch.bfloat16):
-            fi = torch.finfo(torch.float16)
+        if dtype in (torch.float16, torch.bfloat16) and torch.finfo(t.dtype).max > torch.finfo(dtype).max:
+            fi = torch.finfo(dtype)  # fp32's min would round to -inf: keep masks finite
             t = t.clamp(fi.min, fi.max)
         return t.to(dtype)
     return t
@@ -197,12 +198,10 @@ class Conversion:
             qcls = quantized_class(mod, dtype) if spec.weight_only else None
             if qcls is not None:
                 new = qcls.from_float(mod, self.memo)
-                for hook_attr in (_HOOK_ATTR,):
-                    h = getattr(mod, hook_attr, None)
-                    if h is not None:  # carry the cast hook over to the replacement
-                        nh = new.register_forward_pre_hook(_cast_inputs, with_kwargs=True)
-                        object.__setattr__(new, _HOOK_ATTR, nh)
-                        self._undo.append(("hook", new, nh))
+                if getattr(mod, _HOOK_ATTR, None) is not None:  # carry the cast hook over to the replacement
+                    nh = new.register_forward_pre_hook(_cast_inputs, with_kwargs=True)
+                    object.__setattr__(new, _HOOK_ATTR, nh)
+                    self._undo.append(("hook", new, nh))
                 object.__setattr__(new, _COMPUTE_ATTR, spec.compute)
                 self._undo.append(("module", name, _set_parent(self.model, name, new)))
                 continue

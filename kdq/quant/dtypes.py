@@ -58,7 +58,7 @@ __all__ = [
 INT4_GROUP = 32
 
 #: Minimum SQNR (dB) of a converted N(0, 1) weight matrix (>= 64 columns); measured values sit
-#: above: fp16 ~ 74, bf16 ~ 50, int8 per-channel ~ 40, int4 group-32 ~ 20.
+#: above (256 x 512 N(0, 1): fp16 73.7, bf16 55.6, int8 per-channel 42.5, int4 group-32 20.3 dB).
 SQNR_FLOOR_DB: dict[str, float] = {"fp32": float("inf"), "fp16": 65.0, "bf16": 45.0, "int8": 35.0, "int4": 16.0}
 
 

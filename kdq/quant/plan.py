@@ -328,8 +328,12 @@ class Plan:
                 "plan.model['fingerprint'] to apply the rules anyway"
             )
 
-    def explain(self, model: Any, *, file: Any = None, only_params: bool = True) -> list[tuple[str, str, str]]:
-        """Print (and return) which rule sets each module of ``model``: (module, dtype, rule).
+    def explain(self, model: Any, *, file: Any = None, only_params: bool = True) -> list[tuple[str, str, str, str]]:
+        """Print (and return) which rule sets each module of ``model``: (module, dtype, stored, rule).
+
+        ``dtype`` is what the rules resolve to, after tied weights follow their first holder (as
+        ``apply_plan`` does); ``stored`` is what the module's own tensors will be stored in (an
+        integer dtype keeps norms and convolutions in fp32; ``-`` for no persistent float tensors).
 
         Args:
             model: a ``torch.nn.Module``.
@@ -338,20 +342,41 @@ class Plan:
         """
         import sys
 
+        from kdq.quant.apply import _tied_owner, module_dtypes
+        from kdq.quant.dtypes import get_dtype, quantized_class
+
+        dtypes = module_dtypes(model, self)
+        owner = _tied_owner(model)
         rows = []
         for name, mod in model.named_modules():
             if not name:
                 continue
             if only_params and not _holds_tensors(mod):
                 continue
+            dtype = dtypes[name]
             rule = self.winning_rule(name)
-            rows.append((name, self.dtype_for(name), "(default)" if rule is None else rule))
+            why = "(default)" if rule is None else rule
+            w = mod._parameters.get("weight")
+            if w is not None and owner.get(id(w), name) != name:
+                why = f"(tied to {owner[id(w)]})"
+            spec = get_dtype(dtype)
+            skip = mod._non_persistent_buffers_set
+            floats = any(p is not None and p.is_floating_point() for p in mod._parameters.values()) or any(
+                b is not None and k not in skip and b.is_floating_point() for k, b in mod._buffers.items()
+            )
+            if not floats:
+                stored = "-"
+            elif spec.weight_only:
+                stored = dtype if quantized_class(mod, dtype) is not None else "fp32"
+            else:
+                stored = dtype
+            rows.append((name, dtype, stored, why))
         if file is not False:
             out = sys.stdout if file is None else file
             width = max([len(r[0]) for r in rows] + [6])
-            print(f"{'module':<{width}}  {'dtype':<5}  rule", file=out)
-            for name, dtype, rule in rows:
-                print(f"{name:<{width}}  {dtype:<5}  {rule}", file=out)
+            print(f"{'module':<{width}}  {'dtype':<5}  {'stored':<6}  rule", file=out)
+            for name, dtype, stored, why in rows:
+                print(f"{name:<{width}}  {dtype:<5}  {stored:<6}  {why}", file=out)
         return rows
 
 

@@ -1,0 +1,170 @@
+"""The ``kdq`` command line.
+
+    kdq plan show PLAN [--model DIR] [--all]   the plan's rules; with a model, which rule sets each module
+    kdq plan size PLAN --model DIR [--json]    bytes of the model under the plan, by part and by dtype
+
+``--model DIR`` is a ``save_pretrained`` folder of a transformers model (its ``config.json`` names the
+class). Only the config is read: the model is built on the ``meta`` device (no weights are loaded,
+no remote code runs), which is enough for names, shapes and exact byte counts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from kdq.errors import KdqError
+
+__all__ = ["main", "load_meta_model"]
+
+
+class CliError(KdqError):
+    """A bad command-line argument (missing folder, unknown architecture)."""
+
+
+def load_meta_model(model_dir: str | Path) -> Any:
+    """Build the transformers model described by ``DIR/config.json`` on the meta device (no weights).
+
+    Raises:
+        CliError: no such folder/config, or an architecture transformers does not know.
+    """
+    import torch
+
+    d = Path(model_dir)
+    cfg_path = d / "config.json"
+    if not cfg_path.is_file():
+        raise CliError(f"--model={str(d)!r} is not a model folder: {cfg_path} does not exist")
+    try:
+        import transformers
+    except ImportError:  # pragma: no cover - depends on the environment
+        raise CliError("--model needs transformers: pip install 'kdq[musicgen]'") from None
+    archs = json.loads(cfg_path.read_text()).get("architectures") or []
+    cls = next((getattr(transformers, a) for a in archs if hasattr(transformers, a)), None)
+    if cls is None:
+        raise CliError(
+            f"--model={str(d)!r}: config.json names architectures {archs}, none of which transformers "
+            "provides; kdq never runs remote code"
+        )
+    config = transformers.AutoConfig.from_pretrained(d, trust_remote_code=False)
+    with torch.device("meta"):
+        model = cls(config)
+    return model.eval()
+
+
+def _fmt_bytes(n: float) -> str:
+    return f"{n / 1e6:,.2f} MB"
+
+
+def _plan_show(args: argparse.Namespace) -> int:
+    from kdq.quant import Plan
+
+    plan = Plan.load(args.plan)
+    print(f"plan {args.plan}  (schema kdq.plan/1, default {plan.default})")
+    if plan.model.get("fingerprint"):
+        print(f"made for model {plan.model['fingerprint']}" + (
+            f", fp32 {_fmt_bytes(plan.model['bytes_fp32'])}" if "bytes_fp32" in plan.model else ""))
+    if plan.predicted:
+        parts = []
+        if "bytes" in plan.predicted:
+            parts.append(f"bytes {_fmt_bytes(plan.predicted['bytes'])}")
+        if "sensitivity" in plan.predicted:
+            parts.append(f"sensitivity {plan.predicted['sensitivity']:.4g}")
+        print("predicted: " + ", ".join(parts))
+    width = max([len(r) for r in plan.assignments] + [4])
+    print(f"\n{'rule':<{width}}  dtype  {'sensitivity':>11}  {'bytes':>14}  reason")
+    for rule, dtype in plan.assignments.items():
+        rec = plan.groups.get(rule)
+        sens = f"{rec.sensitivity:.4g}" if rec is not None and rec.sensitivity is not None else "-"
+        nb = _fmt_bytes(rec.bytes) if rec is not None and rec.bytes is not None else "-"
+        print(f"{rule:<{width}}  {dtype:<5}  {sens:>11}  {nb:>14}  {rec.reason if rec else ''}")
+    if args.model:
+        model = load_meta_model(args.model)
+        plan.check_model(model)
+        print()
+        plan.explain(model, only_params=not args.all)
+        unused = plan.unused_rules([n for n, _ in model.named_modules() if n])
+        if unused:
+            print(f"\nrules that set no module: {unused}")
+    return 0
+
+
+def _size_report(model: Any, plan: Any) -> dict[str, Any]:
+    from kdq.quant import apply_plan, model_bytes, module_dtypes
+
+    fp32_total = model_bytes(model)
+    fp32_parts = {name: model_bytes(child) for name, child in model.named_children()}
+    dtypes = module_dtypes(model, plan)
+    counts: dict[str, int] = {}
+    for name, mod in model.named_modules():
+        if mod._parameters or mod._buffers:
+            counts[dtypes[name]] = counts.get(dtypes[name], 0) + 1
+    apply_plan(model, plan)
+    total = model_bytes(model)
+    parts = {name: model_bytes(child) for name, child in model.named_children()}
+    return {
+        "fp32_bytes": fp32_total,
+        "plan_bytes": total,
+        "predicted_bytes": plan.predicted.get("bytes"),
+        "reduction": 1.0 - total / fp32_total if fp32_total else 0.0,
+        "parts": {k: {"fp32_bytes": fp32_parts[k], "plan_bytes": parts[k]} for k in fp32_parts},
+        "modules_per_dtype": counts,
+    }
+
+
+def _plan_size(args: argparse.Namespace) -> int:
+    from kdq.quant import Plan
+
+    plan = Plan.load(args.plan)
+    model = load_meta_model(args.model)
+    rep = _size_report(model, plan)
+    if args.json:
+        print(json.dumps(rep, indent=2))
+        return 0
+    width = max([len(k) for k in rep["parts"]] + [5])
+    print(f"{'part':<{width}}  {'fp32':>14}  {'plan':>14}")
+    for k, v in rep["parts"].items():
+        print(f"{k:<{width}}  {_fmt_bytes(v['fp32_bytes']):>14}  {_fmt_bytes(v['plan_bytes']):>14}")
+    print(f"{'total':<{width}}  {_fmt_bytes(rep['fp32_bytes']):>14}  {_fmt_bytes(rep['plan_bytes']):>14}"
+          f"  ({100 * rep['reduction']:.1f}% smaller)")
+    print("modules per dtype: " + ", ".join(f"{k} {v}" for k, v in sorted(rep["modules_per_dtype"].items())))
+    if rep["predicted_bytes"] is not None:
+        same = "matches" if rep["predicted_bytes"] == rep["plan_bytes"] else "DIFFERS from"
+        print(f"plan bytes {same} the plan's prediction ({rep['predicted_bytes']} B)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``kdq`` argument parser (subcommands register here)."""
+    ap = argparse.ArgumentParser(prog="kdq", description="kdq: compress generative models for on-device use")
+    sub = ap.add_subparsers(dest="command", required=True)
+    plan = sub.add_parser("plan", help="inspect mixed-precision plans")
+    psub = plan.add_subparsers(dest="plan_command", required=True)
+    show = psub.add_parser("show", help="print a plan's rules; with --model, which rule sets each module")
+    show.add_argument("plan", help="plan JSON file")
+    show.add_argument("--model", help="save_pretrained folder of the model (config only)")
+    show.add_argument("--all", action="store_true", help="also list modules that hold no tensors themselves")
+    show.set_defaults(func=_plan_show)
+    size = psub.add_parser("size", help="bytes of a model under a plan, by part and dtype")
+    size.add_argument("plan", help="plan JSON file")
+    size.add_argument("--model", required=True, help="save_pretrained folder of the model (config only)")
+    size.add_argument("--json", action="store_true", help="print the report as JSON")
+    size.set_defaults(func=_plan_size)
+    return ap
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``kdq`` command line; returns the exit status (2 on a user error)."""
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except KdqError as e:
+        print(f"kdq: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

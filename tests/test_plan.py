@@ -1,0 +1,214 @@
+"""Plan: precedence, JSON round-trip, errors, atomic save."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from kdq.quant import DTYPES, Plan, PlanError, apply_plan, model_fingerprint
+from kdq.quant.plan import GroupRecord
+
+# ---------------------------------------------------------------------------- precedence, by example
+
+
+def test_contract_example():
+    plan = Plan(assignments={"text_encoder": "int8", "decoder": "fp16", "audio_encoder": "fp32"})
+    assert plan.default == "fp32"
+    names = ["text_encoder", "text_encoder.encoder.block.0.q", "decoder.lm_heads.0", "audio_encoder.decoder", "enc_to_dec_proj", ""]
+    assert plan.resolve(names) == {
+        "text_encoder": "int8",
+        "text_encoder.encoder.block.0.q": "int8",
+        "decoder.lm_heads.0": "fp16",
+        "audio_encoder.decoder": "fp32",
+        "enc_to_dec_proj": "fp32",
+        "": "fp32",
+    }
+    assert plan.dtype_for("decoder") == "fp16"
+    assert plan.winning_rule("enc_to_dec_proj") is None
+
+
+def test_deeper_name_beats_shallower_and_prefix_is_by_component():
+    plan = Plan({"decoder": "fp16", "decoder.lm_heads": "fp32", "decoder.lm_heads.2": "int8"})
+    assert plan.dtype_for("decoder.layers.3.fc1") == "fp16"
+    assert plan.dtype_for("decoder.lm_heads.0") == "fp32"
+    assert plan.dtype_for("decoder.lm_heads.2") == "int8"
+    assert plan.dtype_for("decoder.lm_heads.20") == "fp32"  # '2' is not a prefix of '20'
+    assert plan.dtype_for("decoder_extra") == "fp32"
+
+
+def test_pattern_root_depth_decides_against_names():
+    plan = Plan({"decoder": "fp16", r"re:.*embed_tokens\.\d+": "int8"})
+    assert plan.dtype_for("decoder.model.decoder.embed_tokens.3") == "int8"
+    assert plan.winning_rule("decoder.model.decoder.embed_tokens.3") == r"re:.*embed_tokens\.\d+"
+    assert plan.dtype_for("decoder.model.decoder.layers.0") == "fp16"
+    # A greedy pattern is rooted at the shallowest module it matches, so a deeper name still wins.
+    plan = Plan({"re:decoder.*": "fp16", "decoder.layers.0": "int8"})
+    assert plan.dtype_for("decoder.layers.0.fc1") == "int8"
+    assert plan.dtype_for("decoder.layers.1.fc1") == "fp16"
+
+
+def test_equal_depth_name_beats_pattern_and_earlier_pattern_wins():
+    plan = Plan({"re:dec.*": "bf16", "re:decoder": "int8", "decoder": "fp16"})
+    assert plan.dtype_for("decoder.x") == "fp16"
+    plan = Plan({"re:dec.*": "bf16", "re:decoder": "int8"})
+    assert plan.dtype_for("decoder.x") == "bf16"
+    plan = Plan({"re:decoder": "int8", "re:dec.*": "bf16"})
+    assert plan.dtype_for("decoder.x") == "int8"
+
+
+# ---------------------------------------------------------------------------- precedence, as a property
+_seg = st.sampled_from(["a", "b", "c", "0", "1", "ab"])
+_name = st.lists(_seg, min_size=1, max_size=4).map(".".join)
+_pattern = st.sampled_from([r"a", r"a\..*", r".*\.0", r"b|c", r".*b", r"a\.\d", r"[ab]\.[01]"]).map(lambda p: "re:" + p)
+_dtype = st.sampled_from(DTYPES)
+
+
+def _reference_winner(plan_items: list[tuple[str, str]], module: str):
+    """Brute force of the documented precedence: every covering rule, with its root depth."""
+    parts = module.split(".")
+    prefixes = [".".join(parts[: i + 1]) for i in range(len(parts))]
+    covering = []
+    for order, (rule, _) in enumerate(plan_items):
+        if rule.startswith("re:"):
+            roots = [i for i, p in enumerate(prefixes) if re.fullmatch(rule[3:], p)]
+            if roots:
+                covering.append((roots[0] + 1, 0, -order, rule))
+        elif rule in prefixes:
+            covering.append((prefixes.index(rule) + 1, 1, -order, rule))
+    if not covering:
+        return None, covering
+    best = max(covering)
+    return best[3], covering
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    rules=st.dictionaries(st.one_of(_name, _pattern), _dtype, max_size=6),
+    modules=st.lists(_name, min_size=1, max_size=10),
+)
+def test_exactly_one_winning_rule(rules, modules):
+    plan = Plan(rules)
+    items = list(rules.items())
+    for m in modules:
+        want, covering = _reference_winner(items, m)
+        got = plan.winning_rule(m)
+        assert got == want
+        keys = [c[:3] for c in covering]
+        assert len(keys) == len(set(keys))  # the precedence key is a strict total order: one winner
+        assert plan.dtype_for(m) == (rules[got] if got is not None else plan.default)
+
+
+# ---------------------------------------------------------------------------- JSON
+_finite = st.floats(allow_nan=False, allow_infinity=False, width=64)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    rules=st.dictionaries(st.one_of(_name, _pattern), _dtype, max_size=5),
+    default=_dtype,
+    groups=st.dictionaries(
+        _name,
+        st.builds(GroupRecord, dtype=_dtype, sensitivity=st.one_of(st.none(), _finite),
+                  bytes=st.one_of(st.none(), st.integers(0, 2**40)), reason=st.text(max_size=20)),
+        max_size=3,
+    ),
+    predicted=st.fixed_dictionaries({"bytes": st.integers(0, 2**40), "sensitivity": _finite}),
+    meta=st.dictionaries(st.text(max_size=5), st.one_of(st.integers(), st.text(max_size=5), _finite), max_size=3),
+)
+def test_json_round_trip_is_exact(rules, default, groups, predicted, meta):
+    plan = Plan(rules, default=default, groups=groups, predicted=predicted, model={"fingerprint": "sha256:x"}, meta=meta)
+    text = plan.to_json()
+    back = Plan.from_json(text)
+    assert back == plan
+    assert back.to_json() == text
+    assert list(back.assignments) == list(rules)
+
+
+def test_save_is_atomic_and_loads(tmp_path):
+    plan = Plan({"decoder": "fp16"}, meta={"note": "x"})
+    path = plan.save(tmp_path / "sub" / "plan.json")
+    assert Plan.load(path) == plan
+    assert sorted(p.name for p in path.parent.iterdir()) == ["plan.json"]  # no temp file left behind
+    Plan({"decoder": "int8"}).save(path)  # overwrite in place
+    assert Plan.load(path).assignments == {"decoder": "int8"}
+
+
+@pytest.mark.parametrize(
+    "text, needle",
+    [
+        ("{not json", "not valid JSON"),
+        ("[]", "JSON object"),
+        ('{"schema": "kdq.plan/9", "assignments": {}}', "kdq.plan/1"),
+        ('{"schema": "kdq.plan/1"}', "no 'assignments'"),
+        ('{"schema": "kdq.plan/1", "assignments": {"decoder": "int7"}}', "int8"),
+        ('{"schema": "kdq.plan/1", "assignments": {"re:(": "fp16"}}', "regular expression"),
+        ('{"schema": "kdq.plan/1", "assignments": {"": "fp16"}}', "non-empty"),
+        ('{"schema": "kdq.plan/1", "assignments": {}, "extra": 1}', "unknown keys"),
+        ('{"schema": "kdq.plan/1", "assignments": {}, "groups": {"a": {"dtype": "fp16", "bytes": 1.5}}}', "integer"),
+        ('{"schema": "kdq.plan/1", "assignments": [["a", "fp16"]]}', "dict"),
+    ],
+)
+def test_malformed_plans_raise_plan_error(text, needle):
+    with pytest.raises(PlanError, match=re.escape(needle)):
+        Plan.from_json(text)
+
+
+def test_unknown_dtype_lists_close_match():
+    with pytest.raises(ValueError, match=r"did you mean 'fp16'"):
+        Plan({"decoder": "fp61"})
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(PlanError, match="does not exist"):
+        Plan.load(tmp_path / "nope.json")
+
+
+# ---------------------------------------------------------------------------- models
+
+
+class _Toy(nn.Module):
+    def __init__(self, width: int = 8) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(10, width)
+        self.body = nn.Sequential(nn.Linear(width, width), nn.LayerNorm(width), nn.Linear(width, 4))
+
+    def forward(self, ids):
+        return self.body(self.emb(ids))
+
+
+def test_plan_for_another_model_is_refused():
+    plan = Plan({"body": "int8"}, model={"fingerprint": model_fingerprint(_Toy(8))})
+    apply_plan(_Toy(8), plan)  # same architecture: fine
+    with pytest.raises(PlanError, match="different model"):
+        apply_plan(_Toy(16), plan)
+
+
+def test_rule_naming_no_module_is_refused_with_close_matches():
+    with pytest.raises(PlanError, match=r"did you mean 'body'"):
+        apply_plan(_Toy(), Plan({"bodyy": "int8"}))
+    with pytest.raises(PlanError, match="matches no module"):
+        apply_plan(_Toy(), Plan({"re:head.*": "int8"}))
+
+
+def test_explain_names_the_rule_per_module():
+    import io
+
+    buf = io.StringIO()
+    rows = Plan({"body": "fp16", "body.2": "int8"}).explain(_Toy(), file=buf)
+    assert ("body.0", "fp16", "fp16", "body") in rows
+    assert ("body.1", "fp16", "fp16", "body") in rows
+    assert ("body.2", "int8", "int8", "body.2") in rows
+    assert ("emb", "fp32", "fp32", "(default)") in rows
+    rows = Plan({"body": "int8"}).explain(_Toy(), file=False)
+    assert ("body.1", "int8", "fp32", "body") in rows  # LayerNorm: int8 is weight-only for Linear/Embedding
+    assert "body.2" in buf.getvalue() and "(default)" in buf.getvalue()
+
+
+def test_json_file_is_readable():
+    data = json.loads(Plan({"decoder": "fp16"}).to_json())
+    assert data["schema"] == "kdq.plan/1" and data["assignments"] == {"decoder": "fp16"}

@@ -1,0 +1,198 @@
+"""Planner end to end on the tiny random MusicGen, plus groups, cache and the Fisher tier on a toy LM."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from kdq.quant import (
+    BudgetError,
+    GroupError,
+    MixedPrecisionPlanner,
+    OutputKL,
+    Plan,
+    ProfileError,
+    RelativeError,
+    SensitivityTable,
+    apply_plan,
+    default_groups,
+    model_bytes,
+)
+from musicgen.plans import calibration_inputs, musicgen_groups, musicgen_score, paper_plan
+from musicgen.tiny import build_tiny_musicgen
+
+GROUPS = [
+    "text_encoder",
+    "decoder.model.decoder.layers.0",
+    "decoder.model.decoder.layers.1",
+    r"re:decoder\.(lm_heads|model\.decoder\.embed_tokens)",
+    "audio_encoder.decoder",
+]
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return build_tiny_musicgen(0)
+
+
+@pytest.fixture(scope="module")
+def profiled(tiny):
+    model = copy.deepcopy(tiny)
+    score = musicgen_score(model, batch=1, frames=8)
+    planner = MixedPrecisionPlanner(model, GROUPS, candidates=["fp32", "fp16", "int8", "int4"])
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    table = planner.profile(score, progress=False, log=None)
+    after = model.state_dict()
+    assert before.keys() == after.keys()  # profiling restored every module
+    assert all(torch.equal(before[k], after[k]) and before[k].dtype == after[k].dtype for k in before)
+    return model, score, planner, table
+
+
+def test_profile_table_shape_and_bytes(profiled):
+    model, _, planner, table = profiled
+    d = table.to_dict()
+    assert list(d) == GROUPS and all(list(v) == ["fp32", "fp16", "int8", "int4"] for v in d.values())
+    assert table.meta["evaluations"] == planner.evaluations() == 1 + 5 * 3
+    for g in GROUPS:
+        row = d[g]
+        assert row["fp32"]["sensitivity"] == 0.0
+        assert row["fp16"]["bytes"] * 2 == row["fp32"]["bytes"]
+        assert row["int4"]["bytes"] <= row["int8"]["bytes"] <= row["fp32"]["bytes"]
+        assert all(v["sensitivity"] >= -1e-9 for v in row.values())
+    # Only Linear/Embedding are quantized: EnCodec's convolutions keep fp32 under int8.
+    assert d["audio_encoder.decoder"]["int8"]["bytes"] == d["audio_encoder.decoder"]["fp32"]["bytes"]
+    assert d["decoder.model.decoder.layers.0"]["int4"]["sensitivity"] > d["decoder.model.decoder.layers.0"]["fp16"]["sensitivity"]
+    assert table.total_bytes("fp32") == model_bytes(model)
+
+
+def test_solve_apply_generate_end_to_end(profiled, tiny):
+    model, score, planner, table = profiled
+    paper = paper_plan()
+    paper_bytes = model_bytes(apply_plan(copy.deepcopy(tiny), paper))
+    plan = planner.solve(table, max_bytes=paper_bytes)
+    assert plan.predicted["bytes"] <= paper_bytes
+    assert set(plan.assignments) == set(GROUPS)
+    back = Plan.from_json(plan.to_json())
+    assert back == plan
+    report = planner.measure(plan, score)
+    assert report["measured_bytes"] == report["predicted_bytes"] == plan.predicted["bytes"]
+    assert report["measured_sensitivity"] == pytest.approx(report["predicted_sensitivity"], rel=0.5, abs=1e-6)
+    converted = apply_plan(copy.deepcopy(tiny), back)
+    assert model_bytes(converted) == plan.predicted["bytes"]
+    x = calibration_inputs(tiny, batch=1)
+    torch.manual_seed(0)
+    audio = converted.generate(input_ids=x["input_ids"], attention_mask=x["attention_mask"], max_new_tokens=10, do_sample=True)
+    assert audio.ndim == 3 and audio.shape[-1] > 0 and bool(torch.isfinite(audio).all())
+    # A quality budget gives the smallest plan under it, and a tighter one is bigger.
+    small = planner.solve(table, max_sensitivity=plan.predicted["sensitivity"])
+    assert small.predicted["bytes"] <= plan.predicted["bytes"]
+    zero = planner.solve(table, max_sensitivity=0.0)
+    assert zero.predicted["sensitivity"] <= 1e-12
+    smallest = table.rest_bytes + sum(min(table.bytes[g].values()) for g in table.groups)
+    with pytest.raises(BudgetError, match=f"smallest reachable size .* is {smallest} bytes"):
+        planner.solve(table, max_bytes=smallest - 1)
+    assert planner.solve(table, max_bytes=smallest).predicted["bytes"] == smallest
+
+
+def test_paper_plan_applies_to_musicgen(tiny):
+    model = apply_plan(copy.deepcopy(tiny), paper_plan())
+    assert len(paper_plan().assignments) == 3
+    q = model.text_encoder.encoder.block[0].layer[0].SelfAttention.q
+    assert q.qweight.dtype == torch.int8
+    assert model.text_encoder.shared.qweight is model.text_encoder.encoder.embed_tokens.qweight  # tied, once
+    assert model.decoder.lm_heads[0].weight.dtype == torch.float16
+    assert model.audio_encoder.decoder.layers[0].conv.bias.dtype == torch.float32
+    x = calibration_inputs(tiny, batch=1)
+    audio = model.generate(input_ids=x["input_ids"], attention_mask=x["attention_mask"], max_new_tokens=8, do_sample=False)
+    assert audio.dtype == torch.float32 and bool(torch.isfinite(audio).all())
+
+
+def test_cache_resumes_without_new_evaluations(tmp_path, tiny):
+    model = copy.deepcopy(tiny)
+    calls = []
+    base = musicgen_score(model, batch=1, frames=4)
+
+    def score(m):
+        calls.append(1)
+        return base(m)
+
+    cache = tmp_path / "cache.json"
+    planner = MixedPrecisionPlanner(model, ["text_encoder", "decoder"], candidates=["fp32", "int8"])
+    first = planner.profile(score, cache=cache, progress=False, log=None)
+    assert len(calls) == 3
+    data = json.loads(cache.read_text())
+    del data["groups"]["decoder"]["int8"]  # as if interrupted before the last evaluation
+    cache.write_text(json.dumps(data))
+    lines = []
+    second = planner.profile(score, cache=cache, progress=False, log=lines.append)
+    assert len(calls) == 4 and "= 1 evaluations" in lines[0]
+    assert second.to_dict() == first.to_dict()
+    assert SensitivityTable.load(cache).to_dict() == first.to_dict()
+    other = MixedPrecisionPlanner(build_tiny_musicgen(0, decoder_hidden=64), ["text_encoder"], candidates=["fp32", "int8"])
+    with pytest.raises(ProfileError, match="another model"):
+        other.profile(score, cache=cache, progress=False, log=None)
+
+
+def test_groups_errors_and_defaults(tiny):
+    with pytest.raises(GroupError, match="did you mean 'text_encoder'"):
+        MixedPrecisionPlanner(tiny, ["text_encoderr"])
+    with pytest.raises(GroupError, match="overlap"):
+        MixedPrecisionPlanner(tiny, ["decoder", "re:decoder\\.lm_heads\\.\\d"])
+    with pytest.raises(ValueError, match="fp32"):
+        MixedPrecisionPlanner(tiny, ["decoder"], candidates=["int8"])
+    groups = default_groups(tiny)
+    assert "decoder.model.decoder.layers.1" in groups and "text_encoder.encoder.block.0" in groups
+    assert "text_encoder.encoder.embed_tokens" not in groups  # tied to text_encoder.shared
+    sub = default_groups(tiny, granularity="sublayer")
+    assert "decoder.model.decoder.layers.0.fc1" in sub and "text_encoder.encoder.block.0.layer.1" in sub
+    for granularity in ("part", "layer", "sublayer"):
+        MixedPrecisionPlanner(tiny, musicgen_groups(tiny, granularity))  # disjoint and resolvable
+
+
+class _ToyLM(nn.Module):
+    def __init__(self, vocab: int = 64, width: int = 48) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(vocab, width)
+        self.l1 = nn.Linear(width, width)
+        self.l2 = nn.Linear(width, width)
+        self.head = nn.Linear(width, vocab)
+        with torch.no_grad():
+            self.head.weight.mul_(6.0)  # peaked distributions, so quantization moves them measurably
+
+    def forward(self, ids):
+        h = torch.tanh(self.l1(self.emb(ids)))
+        return self.head(torch.tanh(self.l2(h)) + h)
+
+
+def test_fisher_tier_agrees_with_measured_kl():
+    torch.manual_seed(0)
+    model = _ToyLM()
+    ids = torch.randint(0, 64, (8, 16))
+    planner = MixedPrecisionPlanner(model, ["emb", "l1", "l2", "head"], candidates=["fp32", "bf16", "int8", "int4"])
+    measured = planner.profile(OutputKL(lambda m: m(ids), model), progress=False, log=None)
+    fisher = planner.profile_fisher(lambda m: m(ids), samples=64, progress=False, log=None)
+    assert fisher.bytes == measured.bytes
+    for g in measured.groups:
+        for d in ("int8", "int4"):
+            m, f = measured.sensitivity[g][d], fisher.sensitivity[g][d]
+            assert m > 0 and 0.4 < f / m < 2.5, (g, d, m, f)
+
+
+def test_relative_error_score_and_measure_on_plain_model():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 16))
+    x = torch.randn(4, 32)
+    score = RelativeError(lambda m: m(x), model)
+    assert score(model) == 0.0
+    planner = MixedPrecisionPlanner(model, ["0", "2"], candidates=["fp32", "bf16", "int8"])
+    table = planner.profile(score, progress=False, log=None)
+    assert 0 < table.sensitivity["0"]["int8"] < 1e-3
+    plan = planner.solve(table, max_bytes=table.total_bytes("int8"))
+    assert set(plan.assignments.values()) <= {"int8", "bf16"}
+    report = planner.measure(plan, score)
+    assert report["measured_bytes"] == plan.predicted["bytes"]
+    assert list(planner.frontier(table, points=8))[-1]["sensitivity"] == 0.0

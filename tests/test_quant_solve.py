@@ -1,0 +1,101 @@
+"""The multiple-choice knapsack solver against brute force; budgets; frontier; extra costs."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kdq.quant import BudgetError
+from kdq.quant.solve import brute_force, pareto_frontier, solve_mckp
+
+
+@st.composite
+def tables(draw, max_groups=4, max_dtypes=4):
+    G = draw(st.integers(1, max_groups))
+    D = draw(st.integers(1, max_dtypes))
+    s = draw(st.lists(st.lists(st.floats(0, 10, allow_nan=False), min_size=D, max_size=D), min_size=G, max_size=G))
+    b = draw(st.lists(st.lists(st.integers(1, 10**9), min_size=D, max_size=D), min_size=G, max_size=G))
+    rest = draw(st.integers(0, 10**6))
+    return np.array(s), np.array(b, dtype=np.int64), rest
+
+
+@settings(max_examples=60, deadline=None)
+@given(t=tables(), frac=st.floats(0, 1))
+def test_max_bytes_equals_brute_force_and_respects_budget(t, frac):
+    s, b, rest = t
+    lo = rest + int(b.min(axis=1).sum())
+    hi = rest + int(b.max(axis=1).sum())
+    budget = int(lo + frac * (hi - lo))
+    sol = solve_mckp(s, b, rest_bytes=rest, max_bytes=budget)
+    assert sol.bytes <= budget
+    assert sol.bytes == rest + sum(int(b[g, d]) for g, d in enumerate(sol.choice))
+    best_s, best_b = brute_force(s, b, rest_bytes=rest, max_bytes=budget)
+    assert sol.sensitivity == pytest.approx(best_s, rel=1e-9, abs=1e-9)
+    assert sol.bytes <= best_b  # ties broken towards fewer bytes
+
+
+@settings(max_examples=60, deadline=None)
+@given(t=tables(), frac=st.floats(0, 1))
+def test_max_sensitivity_equals_brute_force(t, frac):
+    s, b, rest = t
+    lo, hi = float(s.min(axis=1).sum()), float(s.max(axis=1).sum())
+    limit = lo + frac * (hi - lo)
+    sol = solve_mckp(s, b, rest_bytes=rest, max_sensitivity=limit)
+    assert sol.sensitivity <= limit + 1e-9 * max(1.0, abs(limit))
+    best_b, _ = brute_force(s, b, rest_bytes=rest, max_sensitivity=limit + 1e-9 * max(1.0, abs(limit)))
+    assert sol.bytes == best_b
+
+
+def test_unreachable_budgets_name_the_reachable_extreme():
+    s = np.array([[0.0, 1.0], [0.0, 2.0]])
+    b = np.array([[400, 100], [800, 200]])
+    with pytest.raises(BudgetError, match=r"smallest reachable size .* is 350 bytes"):
+        solve_mckp(s, b, rest_bytes=50, max_bytes=349)
+    assert solve_mckp(s, b, rest_bytes=50, max_bytes=350).choice == (1, 1)
+    with pytest.raises(BudgetError, match=r"least reachable total sensitivity is 0.5"):
+        solve_mckp(s + 0.25, b, max_sensitivity=0.4)
+    with pytest.raises(BudgetError, match="exactly one"):
+        solve_mckp(s, b)
+
+
+def test_non_finite_choices_are_never_picked():
+    s = np.array([[0.0, math.inf, 0.1], [0.0, math.nan, 5.0]])
+    b = np.array([[10, 1, 5], [10, 1, 5]])
+    sol = solve_mckp(s, b, max_bytes=15)
+    assert sol.choice == (2, 0) and sol.bytes == 15
+
+
+def test_extra_cost_columns_constrain_the_choice():
+    s = np.array([[0.0, 0.1, 0.3], [0.0, 0.2, 0.5]])
+    b = np.array([[100, 50, 25], [100, 50, 25]])
+    latency = np.array([[1.0, 9.0, 2.0], [1.0, 9.0, 2.0]])  # the middle dtype is slow on this target
+    free = solve_mckp(s, b, max_bytes=100)
+    assert free.choice == (1, 1)
+    sol = solve_mckp(s, b, max_bytes=100, extra={"latency": (latency, 6.0)})
+    assert sol.extra["latency"] <= 6.0 and sol.bytes <= 100
+    best = min(
+        (sum(s[g, d] for g, d in enumerate(ch)), ch)
+        for ch in itertools.product(range(3), repeat=2)
+        if sum(b[g, d] for g, d in enumerate(ch)) <= 100 and sum(latency[g, d] for g, d in enumerate(ch)) <= 6
+    )
+    assert sol.sensitivity == pytest.approx(best[0])
+    with pytest.raises(BudgetError, match="extra limits"):
+        solve_mckp(s, b, max_bytes=100, extra={"latency": (latency, 1.0)})
+
+
+@settings(max_examples=15, deadline=None)
+@given(t=tables(max_groups=3, max_dtypes=3))
+def test_frontier_is_monotone_and_optimal(t):
+    s, b, rest = t
+    front = pareto_frontier(s, b, rest_bytes=rest, points=12)
+    assert front
+    for a, c in zip(front, front[1:]):
+        assert a.bytes < c.bytes and a.sensitivity > c.sensitivity
+    for p in front:
+        best_s, _ = brute_force(s, b, rest_bytes=rest, max_bytes=p.bytes)
+        assert p.sensitivity == pytest.approx(best_s, rel=1e-9, abs=1e-9)
