@@ -199,7 +199,7 @@ def _load() -> str:
 
 def _row(rows, impl, shape, metric, values, threads):
     vals = sorted(float(v) for v in (values if isinstance(values, (list, tuple)) else [values]))
-    q = statistics.quantiles(vals, n=5) if len(vals) >= 2 else [vals[0]] * 4
+    q = statistics.quantiles(vals, n=5, method="inclusive") if len(vals) >= 2 else [vals[0]] * 4
     row = {"op": "musicgen_generate", "impl": impl, "shape": shape, "metric": metric, "median": statistics.median(vals),
            "p20": q[0], "p80": q[3], "machine": f"{platform.machine()}-{os.cpu_count()}cpu-{threads}thr",
            "commit": _commit(), "load": _load()}

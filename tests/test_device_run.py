@@ -57,7 +57,7 @@ def test_cli_last_line_is_json(bundle, tmp_path):
     out = tmp_path / "b.wav"
     proc = subprocess.run(
         [sys.executable, str(ROOT / "examples/musicgen/device_run.py"), "--bundle", str(bundle), "--prompt", "dark organ",
-         "--seconds", "0.3", "--out", str(out), "--threads", "1", "--seed", "4"],
+         "--seconds", "0.3", "--out", str(out), "--threads", "1", "--seed", "4", "--progress"],
         capture_output=True, text=True, cwd=ROOT, env={"PYTHONPATH": f"{ROOT}:{ROOT / 'examples'}", "PATH": "/usr/bin:/bin"},
     )
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -246,3 +246,30 @@ def test_paper_plan_bundle_generates_close_to_fp32(paper_bundle):
     audio = MusicgenOnnx(bundle).generate(prompt, max_new_tokens=16, guidance_scale=3.0)
     assert audio.dtype == np.float32 and audio.shape == ref.shape
     assert _snr(ref.astype(np.float64), audio.astype(np.float64)) > 10
+
+
+def test_layer_granularity_plan_bundle(tmp_path):
+    """A plan finer than parts (per layer, mixed dtypes inside the decoder) exports and conforms."""
+    from musicgen.export import export_bundle
+    from musicgen.runtime import MusicgenOnnx
+    from musicgen.tiny import save_tiny_musicgen
+
+    model_dir = save_tiny_musicgen(tmp_path / "model")
+    dec = "decoder.model.decoder"
+    plan = Plan({
+        "text_encoder.encoder.block.0": "int8",
+        f"{dec}.layers.0": "int8",
+        f"{dec}.layers.1": "fp16",
+        "decoder.lm_heads": "int4",
+    })
+    plan.save(tmp_path / "plan.json")
+    report = export_bundle(str(model_dir), tmp_path / "bundle", plan=Plan.load(tmp_path / "plan.json"), progress=False)
+    d = report["parts"]["decoder_model_merged"]
+    assert d["mixed"] is True and d["kv_cache_dtype"] == "float32"
+    assert set(d["conformance"]["weighted_nodes"]) == {"fp32", "int8", "fp16", "int4"}  # embeddings stay fp32
+    assert d["conformance"]["conforms"] and d["conformance_cached_step"]["conforms"]
+    t = report["parts"]["text_encoder"]
+    assert set(t["conformance"]["weighted_nodes"]) == {"int8", "fp32"} and t["conformance"]["conforms"]
+    assert report["parts"]["encodec_decode"]["dtype"] == "fp32"
+    audio = MusicgenOnnx(tmp_path / "bundle").generate(["slow organ chords"], max_new_tokens=12)
+    assert audio.shape == (1, 1, 9 * 640) and np.isfinite(audio).all()

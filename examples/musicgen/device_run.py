@@ -94,6 +94,7 @@ def device_run(
     seed: int = 0,
     guidance_scale: float | None = None,
     top_k: int | None = None,
+    progress: bool = False,
 ) -> dict:
     """Load, generate ``seconds`` of audio for ``prompt``, write the WAV; return the measurements."""
     if seconds <= 0:
@@ -118,6 +119,7 @@ def device_run(
     audio = rt.generate(
         [prompt], max_new_tokens=max_new_tokens, guidance_scale=guidance, do_sample=not greedy,
         top_k=top_k if top_k is not None else (gen.get("top_k") or 250), seed=seed, timings=timings,
+        progress=progress,
     )
     gen_s = time.perf_counter() - t
     write_wav(out, audio[0], rt.sampling_rate)
@@ -155,10 +157,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--guidance", type=float, default=None, help="guidance scale (default: generation_config)")
     ap.add_argument("--top-k", type=int, default=None)
+    ap.add_argument("--progress", action="store_true", help="progress bar over decoder steps (stderr)")
     args = ap.parse_args(argv)
     result = device_run(args.bundle, args.prompt, seconds=args.seconds, out=args.out, threads=args.threads,
                         ort_format=args.ort_format, greedy=args.greedy, seed=args.seed,
-                        guidance_scale=args.guidance, top_k=args.top_k)
+                        guidance_scale=args.guidance, top_k=args.top_k, progress=args.progress)
     print(json.dumps(result))
     return 0
 

@@ -176,8 +176,24 @@ def _replace_dir(stage: Path, out: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def export_bundle(model: str | Path | Any, out: str | Path, *, plan: Any = "fp32", atol: float = 1e-4, progress: bool = True) -> dict[str, Any]:
+def export_bundle(
+    model: str | Path | Any,
+    out: str | Path,
+    *,
+    plan: Any = "fp32",
+    tokenizer: Any = None,
+    atol: float = 1e-4,
+    progress: bool = True,
+) -> dict[str, Any]:
     """Export ``model`` (a folder/hub id or a loaded ``MusicgenForConditionalGeneration``) to ``out``.
+
+    Args:
+        model: a folder or hub id (its tokenizer is saved too), or a loaded model.
+        out: the bundle folder.
+        plan: ``"fp32"`` or a ``kdq.quant.Plan`` (read, never changed).
+        tokenizer: the tokenizer to save with a loaded model (a folder brings its own).
+        atol: parity tolerance against PyTorch for parts whose weights are all fp32.
+        progress: show a progress bar.
 
     The whole bundle is built in a temporary folder next to ``out`` and moved into place only when
     every graph exported, validated and (for a plan) conformed: a failed export leaves ``out`` as it
@@ -189,7 +205,7 @@ def export_bundle(model: str | Path | Any, out: str | Path, *, plan: Any = "fp32
         model_obj, tok = load_musicgen(str(model))
         source = str(model)
     else:
-        model_obj, tok, source = model, None, type(model).__name__
+        model_obj, tok, source = model, tokenizer, type(model).__name__
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))

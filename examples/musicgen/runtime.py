@@ -198,8 +198,12 @@ class MusicgenOnnx:
         top_p: float = 1.0,
         seed: int | None = None,
         timings: Timings | None = None,
+        progress: bool = False,
     ) -> np.ndarray:
-        """The decoder loop: returns audio codes (B, K, frames), frames = max_new_tokens - (K - 1)."""
+        """The decoder loop: returns audio codes (B, K, frames), frames = max_new_tokens - (K - 1).
+
+        ``progress`` shows a tqdm bar over decoder steps (on stderr).
+        """
         k = self.num_codebooks
         least = k - 1 + MIN_FRAMES
         if max_new_tokens < least:
@@ -233,7 +237,12 @@ class MusicgenOnnx:
             import onnxruntime as ort
 
             static = {n: ort.OrtValue.ortvalue_from_numpy(v) for n, v in static.items()}
-        for step in range(max_new_tokens):
+        steps = range(max_new_tokens)
+        if progress:
+            from tqdm.auto import tqdm
+
+            steps = tqdm(steps, desc="decoder steps", unit="tok")
+        for step in steps:
             t0 = time.perf_counter()
             dec_in = apply_delay_pattern(ids, pattern)
             if step > 0:

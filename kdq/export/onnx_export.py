@@ -241,6 +241,7 @@ def compare_onnx(
     """Measure (not judge) how far a reduced-precision graph is from its fp32 PyTorch reference.
 
     Float inputs are cast to the graph's input types (fp16 I/O graphs) and outputs back to float64.
+    Non-finite outputs where the reference is finite raise ``OnnxParityError``.
     Returns, per output, the largest absolute difference and the signal-to-noise ratio in dB,
     ``10 log10(sum ref^2 / sum (out - ref)^2)`` over all input sets (inf when equal). Quantization
     error is judged by SNR floors per bit-width rather than by an fp32 tolerance.
@@ -257,6 +258,12 @@ def compare_onnx(
                     for n, t in feed.items() if n in types}
         got = sess.run(None, ort_feed)
         for name, r, g in zip(output_names, ref, got):
+            bad = ~np.isfinite(g.astype(np.float64)) & np.isfinite(r)
+            if bad.any():
+                raise OnnxParityError(
+                    f"{path}: output {name!r} has {int(bad.sum())} non-finite values where PyTorch's are finite "
+                    "(an fp16 overflow?)", output=name, max_diff=float("inf"), atol=0.0, rtol=0.0,
+                )
             d = g.astype(np.float64) - r
             sig[name] = sig.get(name, 0.0) + float((r**2).sum())
             noise[name] = noise.get(name, 0.0) + float((d**2).sum())

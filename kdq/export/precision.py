@@ -16,6 +16,11 @@ Conversion uses ONNX Runtime's own tools, restricted to the selected nodes:
 - fp16: ``onnxruntime.transformers.float16.convert_float_to_float16`` with every node outside fp16
   groups in ``node_block_list`` (after clearing ``graph.value_info``, which otherwise makes it emit
   Casts of the wrong type).
+  The converter wraps every blocked node in casts, so tensors passed between two fp32 nodes made a
+  lossy fp32 -> fp16 -> fp32 round trip (an int8 MatMul's int32 accumulator overflowed to ``inf``);
+  ``remove_fp16_round_trips`` bypasses those pairs. Casts of constants to fp16 at real boundaries are folded with
+  saturation (``fold_constant_casts_to_fp16``): a run-time Cast turns the attention-mask fill value
+  into ``-inf`` and a fully masked row into NaN.
 - bf16 has no kernels in ONNX Runtime's CPU or mobile builds and is refused with a typed error.
 
 Apply it to each graph before merging decoders: quantizers only see the top-level graph.
@@ -377,6 +382,9 @@ def apply_plan_onnx(
                                                    disable_shape_infer=False)
             del cur.graph.value_info[:]
             topological_sort(cur.graph)
+            remove_fp16_round_trips(cur.graph)
+            fold_constant_casts_to_fp16(cur.graph)
+            topological_sort(cur.graph)
     onnx.checker.check_model(cur)
     report = check_conformance(cur, plan, module_names, prefix=prefix)
     if check and report.violations:
@@ -400,6 +408,83 @@ def planned_weight_bytes(model, plan: Any, module_names: Iterable[str], *, prefi
         if w is not None:
             out[resolved.get(mods.get(node.name, ""), "fp32")] += tensor_bytes(w)
     return dict(out)
+
+
+def remove_fp16_round_trips(graph) -> int:
+    """Bypass ``Cast(to=fp32)(Cast(to=fp16)(x))`` pairs (in place); returns how many were bypassed.
+
+    ``convert_float_to_float16`` marks every float tensor fp16 and wraps each blocked (fp32) node in
+    casts, so a tensor passed between two blocked nodes goes fp32 -> fp16 -> fp32. Inside an int8
+    region that tensor can be ``MatMulInteger``'s int32 accumulator (tens of thousands): the round
+    trip turns it into ``inf``. Consumers of the outer Cast read ``x`` directly instead, so blocked
+    regions really stay fp32.
+    """
+    from onnx import TensorProto
+
+    def cast_to(node) -> int | None:
+        return next((a.i for a in node.attribute if a.name == "to"), None) if node.op_type == "Cast" else None
+
+    producer = {o: n for n in graph.node for o in n.output}
+    outputs = {o.name for o in graph.output}
+    rename: dict[str, str] = {}
+    dropped = set()
+    for node in graph.node:
+        if cast_to(node) != TensorProto.FLOAT or node.output[0] in outputs:
+            continue
+        inner = producer.get(node.input[0])
+        if inner is None or cast_to(inner) != TensorProto.FLOAT16:
+            continue
+        source = producer.get(inner.input[0])
+        if source is not None and cast_to(source) == TensorProto.FLOAT16:
+            continue  # x itself is fp16: not a round trip
+        rename[node.output[0]] = inner.input[0]
+        dropped.add(id(node))
+    if not rename:
+        return 0
+    keep = [n for n in graph.node if id(n) not in dropped]
+    for n in keep:
+        for i, name in enumerate(n.input):
+            if name in rename:
+                n.input[i] = rename[name]
+    used = {i for n in keep for i in n.input} | outputs
+    keep = [n for n in keep if not (cast_to(n) == TensorProto.FLOAT16 and n.output[0] not in used)]
+    del graph.node[:]
+    graph.node.extend(keep)
+    return len(rename)
+
+
+def fold_constant_casts_to_fp16(graph) -> int:
+    """Replace ``Cast(to=float16)`` of a constant with a clamped fp16 initializer (in place).
+
+    When an fp32 node's constant also feeds an fp16 node, the converter inserts a run-time Cast. A
+    Cast does not saturate: the attention-mask fill value ``finfo(float32).min`` becomes ``-inf`` in
+    fp16, and a fully masked row (the unconditional half of classifier-free guidance) then turns into
+    NaN. Folding the Cast with values clamped to +-65504, as the converter does for constants it
+    converts itself, keeps them finite. Returns the number of Casts folded.
+    """
+    import numpy as np
+    from onnx import TensorProto, numpy_helper
+
+    consts: dict[str, np.ndarray] = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    for node in graph.node:
+        if node.op_type == "Constant":
+            for attr in node.attribute:
+                if attr.name == "value":
+                    consts[node.output[0]] = numpy_helper.to_array(attr.t)
+    folded, keep = 0, []
+    for node in graph.node:
+        to = next((a.i for a in node.attribute if a.name == "to"), None)
+        src = consts.get(node.input[0]) if node.op_type == "Cast" and node.input else None
+        if to == TensorProto.FLOAT16 and src is not None and src.dtype.kind == "f":
+            value = np.clip(src.astype(np.float32), -65504.0, 65504.0).astype(np.float16)
+            graph.initializer.append(numpy_helper.from_array(value, name=node.output[0]))
+            folded += 1
+        else:
+            keep.append(node)
+    if folded:
+        del graph.node[:]
+        graph.node.extend(keep)
+    return folded
 
 
 def topological_sort(graph) -> None:
