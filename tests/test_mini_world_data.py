@@ -92,6 +92,8 @@ def test_bad_config_is_named():
         RenderConfig(pieces={"bahc": 1}).validate()
     with pytest.raises(RenderError, match="fractions"):
         RenderConfig(fractions=(0.6, 0.5)).validate()
+    with pytest.raises(RenderError, match="workers=0"):
+        RenderConfig(workers=0).validate()
 
 
 def test_caption_phrasings_all_name_the_facts():

@@ -46,8 +46,11 @@ def test_max_sensitivity_equals_brute_force(t, frac):
     lo, hi = float(s.min(axis=1).sum()), float(s.max(axis=1).sum())
     limit = lo + frac * (hi - lo)
     sol = solve_mckp(s, b, rest_bytes=rest, max_sensitivity=limit)
-    assert sol.sensitivity <= limit + 1e-9 * max(1.0, abs(limit))
-    best_b, _ = brute_force(s, b, rest_bytes=rest, max_sensitivity=limit + 1e-9 * max(1.0, abs(limit)))
+    # Brute force holds the budget to the solver's own feasibility tolerance (1e-12 relative): a looser
+    # one here once admitted a choice 1e-9 over the limit that the solver rightly refused.
+    slack = 1e-12 * max(1.0, abs(limit))
+    assert sol.sensitivity <= limit + slack
+    best_b, _ = brute_force(s, b, rest_bytes=rest, max_sensitivity=limit + slack)
     assert sol.bytes == best_b
 
 

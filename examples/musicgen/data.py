@@ -140,6 +140,8 @@ class RenderConfig:
                 f"clip_seconds={self.clip_seconds}, clips_per_render={self.clips_per_render}, "
                 f"renders_per_piece={self.renders_per_piece}: all must be positive"
             )
+        if not isinstance(self.workers, int) or self.workers < 1:
+            raise bad_value(RenderError, "workers", self.workers, "an integer >= 1 (processes that render)")
 
     def to_json(self) -> dict:
         return json.loads(json.dumps(asdict(self)))
@@ -394,19 +396,14 @@ def render_dataset(cfg: RenderConfig, out: str | Path, *, progress: bool = True)
     rows: dict[str, list[dict]] = {s: [] for s in SPLITS}
     failures: list[dict] = []
     bar = tqdm(total=len(jobs), desc="render", unit="piece", disable=not progress)
-    if cfg.workers > 1:
-        import multiprocessing as mp
+    import multiprocessing as mp
 
-        # "spawn" keeps workers free of the parent's torch threads; results come back in piece order.
-        with mp.get_context("spawn").Pool(cfg.workers) as pool:
-            for r, failure, split in pool.imap(_work, jobs, chunksize=2):
-                rows[split].extend(r)
-                if failure:
-                    failures.append(failure)
-                bar.update()
-    else:
-        for job in jobs:
-            r, failure, split = _work(job)
+    # Always render in fresh "spawn" workers, even with one: the audio must not depend on what the
+    # calling process did before (its torch threads, floating-point modes other libraries set, a synth
+    # already loaded). Seen: an in-process render inside the full test suite differed from a spawned one.
+    # Results come back in piece order.
+    with mp.get_context("spawn").Pool(cfg.workers) as pool:
+        for r, failure, split in pool.imap(_work, jobs, chunksize=2):
             rows[split].extend(r)
             if failure:
                 failures.append(failure)
