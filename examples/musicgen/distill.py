@@ -713,6 +713,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
+    from musicgen import flush_denormals
+
+    flush_denormals()
     cfg = json.loads(Path(args.config).read_text()) if args.config else {}
     for f in fields(DistillConfig):
         value = getattr(args, f.name, None)

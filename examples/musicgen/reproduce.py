@@ -881,6 +881,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--nproc", type=int, default=1, help="processes for distillation (torchrun DDP; one per GPU)")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
+    from musicgen import flush_denormals
+
+    flush_denormals()
     overrides: dict[str, dict] = {}
     if args.dataset:
         overrides.setdefault("data", {})["dataset"] = args.dataset

@@ -34,6 +34,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kdq.errors import KdqError, bad_value, close_matches  # noqa: E402
+from musicgen import flush_denormals  # noqa: E402
 from musicgen.codec import CodecConfig  # noqa: E402
 from musicgen.data import RenderConfig  # noqa: E402
 from musicgen.lm import DecoderConfig, TrainConfig  # noqa: E402
@@ -417,6 +418,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--stages", default=",".join(STAGES), help="comma-separated subset, in pipeline order")
     ap.add_argument("--markdown", action="store_true", help="print OUT/summary.json as markdown tables and exit")
     a = ap.parse_args(argv)
+    flush_denormals()
     if a.markdown:  # report only: never runs (or invalidates) a stage
         summary = _read_json(world_paths(a.out)["summary"])
         if summary is None:
