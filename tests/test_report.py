@@ -149,8 +149,11 @@ def test_headless_chromium_renders_it(tmp_path):
     (tmp_path / "results.json").write_text(json.dumps(_results(tmp_path)))
     page = write_report(tmp_path / "results.json")
     shot = tmp_path / "shot.png"
-    subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", f"--screenshot={shot}",
-                    "--window-size=1280,2400", page.as_uri()], check=True, capture_output=True, timeout=120)
+    # a fresh profile and no background traffic: these machines have no network beyond package registries
+    subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+                    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                    f"--user-data-dir={tmp_path / 'profile'}", f"--screenshot={shot}", "--window-size=1280,2400",
+                    page.as_uri()], check=True, capture_output=True, timeout=120)
     from matplotlib.image import imread
 
     img = imread(shot)
