@@ -83,11 +83,13 @@ def _preset(name: str) -> dict:
                  "renders_per_piece": 2, "max_render_seconds": 30.0, "fractions": [0.1, 0.1], "workers": 2},
         "world": {"teacher": {"decoder_hidden": 256, "decoder_layers": 4}, "student": {"decoder_hidden": 128, "decoder_layers": 2},
                   "train_steps": 600},
+        # ce_weight 1: decided on the valid split (docs/reproduction.md): pure StageMixedKL came closest to the
+        # teacher but lost to cross-entropy on NLL; with cross-entropy mixed in it matched CE's NLL as well
         "distill": {"steps": 300, "micro_batch": 8, "grad_accum": 1, "warmup_steps": 30, "lr": 1e-3,
-                    "checkpoint_every": 50, "bf16": "auto"},
+                    "checkpoint_every": 50, "bf16": "auto", "ce_weight": 1.0},
         "plan": {"granularity": "layer", "candidates": ["fp32", "fp16", "bf16", "int8"], "calibration_clips": 8},
         "export": {"enabled": True, "device_seconds": 4.0, "threads": 2, "ort_format": True},
-        "evaluate": {"prompts": 12, "seconds": 4.0, "guidance_scale": 3.0, "top_k": 250, "clap_mini_steps": 400,
+        "evaluate": {"prompts": 24, "seconds": 4.0, "guidance_scale": 3.0, "top_k": 250, "clap_mini_steps": 400,
                      "max_eval_clips": 200},
     }
     paper = {
