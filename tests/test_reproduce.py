@@ -147,3 +147,33 @@ def test_paper_preset_code_path_on_local_checkpoints(smoke, tmp_path):
     assert r["ort"] == {"skipped": "export disabled in this preset"}
     assert r["embedders"] == {"encodec": "encodec"}  # offline, without a CLAP: FAD only
     assert r["variants"]["student_kd"]["clap"] is None and r["variants"]["student_kd"]["fad"] is not None
+
+
+@pytest.mark.slow
+def test_diagnose_reports_held_in_figures(smoke):
+    from musicgen.diagnose import diagnose
+
+    out = smoke[0]
+    rows = {r["model"]: r for r in diagnose(out, ["teacher", "student_base", str(out / "student_kd" / "model")])}
+    assert rows["teacher"]["kl_teacher"] == 0.0 and rows["student_base"]["kl_teacher"] > 0
+    for r in rows.values():
+        assert r["split"] == "valid" and r["clips"] > 0 and r["nll"] > 0
+        assert abs(r["caption_gain"]) < r["nll"]  # a difference of two NLLs on the same codes
+
+
+def test_world_recipe_keys_the_world_stage(monkeypatch):
+    """Changing the mini world's recipe must redo the world stage (and so everything after it)."""
+    import dataclasses
+
+    import musicgen.world as world
+    from musicgen.reproduce import _world_recipe
+
+    base = _world_recipe({}, "mini")
+    assert base is not None and "threads" not in json.dumps(base)
+    longer = dataclasses.replace(world.MINI, teacher_train=dataclasses.replace(world.MINI.teacher_train, steps=1))
+    monkeypatch.setitem(world.PRESETS, "mini", longer)
+    assert _world_recipe({}, "mini") != base
+    faster = dataclasses.replace(world.MINI, threads=1)
+    monkeypatch.setitem(world.PRESETS, "mini", faster)
+    assert _world_recipe({}, "mini") == base  # thread counts change speed, not products
+    assert _world_recipe({}, "paper") is None

@@ -68,8 +68,7 @@ def _preset(name: str) -> dict:
         "seed": 0,
         "data": {"pieces": {"bach": 3, "folk": 3}, "sample_rate": 8000, "clip_seconds": 2.0, "clips_per_render": 2,
                  "renders_per_piece": 1, "max_render_seconds": 8.0, "fractions": [0.3, 0.3], "workers": 1},
-        "world": {"teacher": {"decoder_hidden": 64, "decoder_layers": 2}, "student": {"decoder_hidden": 32, "decoder_layers": 1},
-                  "train_steps": 10},
+        "world": {"teacher": {"decoder_hidden": 64, "decoder_layers": 2}, "student": {"decoder_hidden": 32, "decoder_layers": 1}},
         "distill": {"steps": 8, "micro_batch": 4, "grad_accum": 1, "warmup_steps": 2, "lr": 3e-3,
                     "checkpoint_every": 4, "bf16": "off"},
         "plan": {"granularity": "part", "candidates": ["fp32", "fp16", "int8"], "calibration_clips": 2},
@@ -81,8 +80,7 @@ def _preset(name: str) -> dict:
         "seed": 0,
         "data": {"pieces": {"bach": 40, "folk": 20}, "sample_rate": 8000, "clip_seconds": 4.0, "clips_per_render": 3,
                  "renders_per_piece": 2, "max_render_seconds": 30.0, "fractions": [0.1, 0.1], "workers": 2},
-        "world": {"teacher": {"decoder_hidden": 256, "decoder_layers": 4}, "student": {"decoder_hidden": 128, "decoder_layers": 2},
-                  "train_steps": 600},
+        "world": {"teacher": {"decoder_hidden": 256, "decoder_layers": 4}, "student": {"decoder_hidden": 128, "decoder_layers": 2}},
         # ce_weight 1: decided on the valid split (docs/reproduction.md): pure StageMixedKL came closest to the
         # teacher but lost to cross-entropy on NLL; with cross-entropy mixed in it matched CE's NLL as well
         "distill": {"steps": 300, "micro_batch": 8, "grad_accum": 1, "warmup_steps": 30, "lr": 1e-3,
@@ -274,6 +272,18 @@ def stage_world(cfg: dict, out: Path, preset: str, seed: int, progress: bool) ->
         return {"teacher": str(t), "student_base": str(s),
                 "stand_in": f"{why}; tiny random MusicGens stand in for the teacher and student_base, so quality "
                             "figures below measure nothing about distillation"}
+
+
+def _world_recipe(cfg: dict, preset: str) -> dict | None:
+    """The mini world's recipe for this preset (thread counts aside), so that changing it redoes the
+    world stage and everything after it; None for the paper preset or where the world code is missing."""
+    if preset == "paper":
+        return None
+    try:
+        from musicgen.world import get_preset
+    except ImportError:
+        return None
+    return get_preset(cfg.get("world_preset", preset)).recipe()
 
 
 def _save_student_sharing(teacher_dir: Path, out: Path, *, seed: int, sizes: dict) -> None:
@@ -778,7 +788,7 @@ def reproduce(preset: str = "mini", out: str | Path | None = None, *, force: set
     seed = cfg["seed"]
     t_all = time.perf_counter()
 
-    world = pipe.run("world", {"world": cfg["world"], "seed": seed},
+    world = pipe.run("world", {"world": cfg["world"], "seed": seed, "recipe": _world_recipe(cfg["world"], preset)},
                      lambda: stage_world(cfg["world"], out, preset, seed, progress))
     data = pipe.run("data", cfg["data"], lambda: stage_data(cfg["data"], out, preset, world, progress), after=("world",))
     clip_s = cfg["data"].get("clip_seconds", 10.0)
