@@ -177,3 +177,35 @@ def test_world_recipe_keys_the_world_stage(monkeypatch):
     monkeypatch.setitem(world.PRESETS, "mini", faster)
     assert _world_recipe({}, "mini") == base  # thread counts change speed, not products
     assert _world_recipe({}, "paper") is None
+
+
+def test_interrupted_stage_resumes_but_a_changed_one_starts_clean(tmp_path):
+    seen = []
+
+    def killed():
+        seen.append(p.resuming)
+        raise KeyboardInterrupt  # killed mid-stage: no result recorded
+
+    p = Pipeline(tmp_path)
+    with pytest.raises(KeyboardInterrupt):
+        p.run("distill", {"steps": 3}, killed)
+    p = Pipeline(tmp_path)
+    again = p.run("distill", {"steps": 3}, lambda: {"resumed": p.resuming})  # same key: its partial work is its own
+    p = Pipeline(tmp_path)
+    changed = p.run("distill", {"steps": 4}, lambda: {"resumed": p.resuming})  # other inputs: start clean
+    assert seen == [False] and again == {"resumed": True} and changed == {"resumed": False}
+
+
+def test_distill_stage_started_fresh_discards_a_finished_run(smoke, tmp_path):
+    """A retrained teacher must not meet the old student_kd's checkpoints (they would be reopened as done)."""
+    from musicgen.reproduce import stage_distill
+
+    out, results = smoke
+    world, cfg = results["world"], {**results["config"]["distill"], "steps": 2, "checkpoint_every": 1}
+    tokens = {"paths": results["world"]["tokens"]}
+    first = stage_distill("ce", cfg, world, tokens, tmp_path, progress=False)
+    assert first["summary"]["resumed_from"] == 0
+    again = stage_distill("ce", cfg, world, tokens, tmp_path, progress=False)
+    assert again["summary"]["resumed_from"] == 2  # reopened: the resume path
+    fresh = stage_distill("ce", cfg, world, tokens, tmp_path, progress=False, fresh=True)
+    assert fresh["summary"]["resumed_from"] == 0

@@ -29,6 +29,7 @@ import math
 import os
 import platform
 import shlex
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -153,6 +154,7 @@ class Pipeline:
     progress: bool = True
     stages: dict[str, dict] = field(default_factory=dict)
     keys: dict[str, str] = field(default_factory=dict)
+    resuming: bool = False  # while a stage runs: True if it was interrupted under the same key before
     _forced_any: bool = False
 
     def run(self, name: str, settings: Any, fn: Callable[[], dict], *, after: tuple[str, ...] = ()) -> dict:
@@ -170,7 +172,14 @@ class Pipeline:
             if saved.get("key") == key and not saved["result"].get("skipped"):
                 return self._record(name, saved["result"], saved.get("wall_s", 0.0), cached=True,
                                     key=f"{key}:{saved.get('done_at')}")
-        print(f"[reproduce] stage {name} ...", flush=True)
+        # A stage that starts under a key it did not start under before begins clean (its folders of
+        # partial work, e.g. distillation checkpoints or a profile cache, belong to other inputs); one
+        # interrupted under this same key resumes from them.
+        started = self.out / "stages" / f"{name}.started"
+        self.resuming = started.exists() and started.read_text() == key
+        started.parent.mkdir(parents=True, exist_ok=True)
+        started.write_text(key)
+        print(f"[reproduce] stage {name} {'(resuming) ' if self.resuming else ''}...", flush=True)
         t0 = time.perf_counter()
         try:
             result = fn()
@@ -371,7 +380,8 @@ def _fit(x: np.ndarray, n: int) -> np.ndarray:
 # ----------------------------------------------------------------------------------------- distill
 
 
-def stage_distill(mode: str, cfg: dict, world: dict, tokens: dict, out: Path, progress: bool, nproc: int = 1) -> dict:
+def stage_distill(mode: str, cfg: dict, world: dict, tokens: dict, out: Path, progress: bool, nproc: int = 1,
+                  *, fresh: bool = False) -> dict:
     """Fine-tune student_base with StageMixedKL (``kd``) or cross-entropy (``ce``), same steps and data.
 
     ``nproc > 1`` runs ``distill.py`` under ``torchrun`` (DDP; NCCL on GPUs, gloo on CPU) with the
@@ -381,6 +391,8 @@ def stage_distill(mode: str, cfg: dict, world: dict, tokens: dict, out: Path, pr
 
     config = DistillConfig(mode=mode, **{k: v for k, v in cfg.items() if k != "nproc"})
     run = out / f"student_{mode}"
+    if fresh and run.exists():  # checkpoints of a run from other inputs (e.g. a retrained teacher)
+        shutil.rmtree(run)
     if nproc > 1:
         if config.micro_batch % nproc:
             raise bad_value(ReproduceError, "distill.micro_batch", config.micro_batch, f"a multiple of nproc={nproc}")
@@ -434,7 +446,7 @@ def musicgen_kl_score(model, x: dict):
     return SumOfScores([OutputKL(logits, model), RelativeError(audio, model)], [1.0, 1.0])
 
 
-def stage_plan(cfg: dict, model_dir: str, tokens: dict, out: Path, progress: bool) -> dict:
+def stage_plan(cfg: dict, model_dir: str, tokens: dict, out: Path, progress: bool, *, fresh: bool = False) -> dict:
     """Profile the distilled student, then the paper plan and kdq's plan at no more bytes."""
     quant = _optional("kdq.quant", "the planner (kdq.quant)")
     plans = _optional("musicgen.plans", "the MusicGen plans (musicgen.plans)")
@@ -445,6 +457,8 @@ def stage_plan(cfg: dict, model_dir: str, tokens: dict, out: Path, progress: boo
     planner = quant.MixedPrecisionPlanner(model, groups=groups, candidates=cfg["candidates"])
     folder = out / "plans"
     folder.mkdir(parents=True, exist_ok=True)
+    if fresh:  # the cache's fingerprint is names and shapes: it cannot tell retrained weights apart
+        (folder / "profile_cache.json").unlink(missing_ok=True)
     table = planner.profile(score, cache=folder / "profile_cache.json", progress=progress)
     table.save(folder / "sensitivity.json")
     paper = plans.paper_plan()
@@ -800,9 +814,10 @@ def reproduce(preset: str = "mini", out: str | Path | None = None, *, force: set
     for mode in ("ce", "kd"):
         distilled[mode] = pipe.run(f"distill_{mode}", cfg["distill"],
                                    lambda mode=mode: stage_distill(mode, cfg["distill"], world, tokens, out, progress,
-                                                                   nproc),
+                                                                   nproc, fresh=not pipe.resuming),
                                    after=("world", "tokens"))
-    plan = pipe.run("plan", cfg["plan"], lambda: stage_plan(cfg["plan"], distilled["kd"]["model"], tokens, out, progress),
+    plan = pipe.run("plan", cfg["plan"], lambda: stage_plan(cfg["plan"], distilled["kd"]["model"], tokens, out, progress,
+                                                            fresh=not pipe.resuming),
                     after=("distill_kd", "tokens"))
     variants = build_variants(world, distilled, plan) if not world.get("skipped") else {
         n: {"skipped": f"world: {world['skipped']}"} for n in VARIANT_NAMES}
