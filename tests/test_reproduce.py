@@ -209,3 +209,24 @@ def test_distill_stage_started_fresh_discards_a_finished_run(smoke, tmp_path):
     assert again["summary"]["resumed_from"] == 2  # reopened: the resume path
     fresh = stage_distill("ce", cfg, world, tokens, tmp_path, progress=False, fresh=True)
     assert fresh["summary"]["resumed_from"] == 0
+
+
+def test_flush_denormals_holds_only_while_main_runs():
+    import sys
+
+    from musicgen import flush_denormals
+
+    @flush_denormals
+    def main():
+        return sys.float_info.min / 2 == 0.0  # a subnormal flushed to zero
+
+    assert main() is True
+    assert sys.float_info.min / 2 > 0.0  # restored: other code (hypothesis, users) sees IEEE floats
+
+    @flush_denormals
+    def fails():
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError):
+        fails()
+    assert sys.float_info.min / 2 > 0.0

@@ -53,13 +53,13 @@ def diagnose(run: str | Path, models: list[str], *, split: str = "valid") -> lis
     return rows
 
 
+@flush_denormals
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--run", required=True, help="a reproduce.py output folder (its world/ is read)")
     ap.add_argument("--split", default="valid", choices=["train", "valid", "test"])
     ap.add_argument("models", nargs="+", help="model folders, or teacher / student_base")
     a = ap.parse_args(argv)
-    flush_denormals()
     for row in diagnose(a.run, a.models, split=a.split):
         print(json.dumps(row), flush=True)
 

@@ -57,6 +57,7 @@ if __package__ in (None, ""):  # run as a script: make the `musicgen` package im
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kdq.errors import KdqError, bad_value, close_matches
+from musicgen import flush_denormals
 
 MODES = ("kd", "ce")
 BF16_CHOICES = ("auto", "on", "off")
@@ -711,11 +712,9 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@flush_denormals
 def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
-    from musicgen import flush_denormals
-
-    flush_denormals()
     cfg = json.loads(Path(args.config).read_text()) if args.config else {}
     for f in fields(DistillConfig):
         value = getattr(args, f.name, None)

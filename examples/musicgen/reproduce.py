@@ -47,6 +47,7 @@ import numpy as np
 import torch
 
 from kdq.errors import KdqError, bad_value, close_matches
+from musicgen import flush_denormals
 
 VARIANT_NAMES = ("teacher", "student_base", "student_ce", "student_kd", "student_base_paper_plan",
                  "student_kd_paper_plan", "student_kd_kdq_plan")
@@ -895,6 +896,7 @@ def _ablation_note(results: dict) -> str:
     return " ".join(notes)
 
 
+@flush_denormals
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", default="mini", choices=["smoke", "mini", "paper"])
@@ -908,9 +910,6 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--nproc", type=int, default=1, help="processes for distillation (torchrun DDP; one per GPU)")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
-    from musicgen import flush_denormals
-
-    flush_denormals()
     overrides: dict[str, dict] = {}
     if args.dataset:
         overrides.setdefault("data", {})["dataset"] = args.dataset

@@ -429,6 +429,7 @@ def summary_markdown(summary: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+@flush_denormals
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description="Build the mini world: render, codec, text, tokens, teacher, student.")
     ap.add_argument("--preset", default="mini", help=f"one of {sorted(PRESETS)}")
@@ -437,7 +438,6 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--stages", default=",".join(STAGES), help="comma-separated subset, in pipeline order")
     ap.add_argument("--markdown", action="store_true", help="print OUT/summary.json as markdown tables and exit")
     a = ap.parse_args(argv)
-    flush_denormals()
     if a.markdown:  # report only: never runs (or invalidates) a stage
         summary = _read_json(world_paths(a.out)["summary"])
         if summary is None:
