@@ -1,7 +1,7 @@
 """One distillation step (teacher forward, student forward + backward, StageMixedKL, AdamW) in fp32
 against bf16 autocast, at the mini preset's sizes, on this CPU.
 
-Decides ``DistillConfig.bf16="auto"``'s expectation here; ``auto`` itself measures at run time.
+Decides ``TrainConfig.bf16="auto"``'s expectation here; ``auto`` itself measures at run time.
 Alternating implementations in one process, medians over repeats, 2 threads.
 
     flock /tmp/kdq-heavy.lock .venv/bin/python benchmarks/bench_distill.py [--repeats 7]
@@ -28,8 +28,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "examples")]
 
 from kdq.losses import StageMixedKL  # noqa: E402
-from musicgen.distill import decoder_logits, delay_pattern, encode_text  # noqa: E402
-from musicgen.tiny import build_tiny_musicgen, build_word_tokenizer  # noqa: E402
+from musicgen.data.tokens import delay_pattern  # noqa: E402
+from musicgen.train.objectives import decoder_logits, encode_text  # noqa: E402
+from musicgen.models.tiny import build_tiny_musicgen, build_word_tokenizer  # noqa: E402
 
 CSV_PATH = ROOT / "benchmarks" / "results" / "distill.csv"
 FIELDS = ("op", "impl", "shape", "metric", "median", "p20", "p80", "machine", "commit")
@@ -53,7 +54,7 @@ def main() -> None:
     tok = build_word_tokenizer()
     enc = tok(["a slow chorale on organ"] * args.batch, return_tensors="pt", padding=True)
     codes = torch.randint(0, args.vocab, (args.batch, 4, args.frames))
-    inputs, labels, mask = delay_pattern(codes, bos_token_id=args.vocab, pad_token_id=args.vocab)
+    inputs, labels, mask = delay_pattern(codes, bos=args.vocab, pad=args.vocab)
     no = torch.zeros(args.batch, dtype=torch.bool)
 
     def step(bf16: bool) -> None:

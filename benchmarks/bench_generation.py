@@ -5,8 +5,8 @@ One run measures, on the same model and machine and at the same thread count:
 - ``hf_fp32``: ``MusicgenForConditionalGeneration.generate`` in fp32; ``hf_bf16dec``: the same with
   the text encoder and decoder in bf16 (EnCodec fp32);
 - ``ort_fp32``, ``ort_paper`` (T5 int8, decoder fp16, EnCodec fp32), ``ort_int8dec`` (T5 and decoder
-  int8), ``ort_int4dec`` (T5 int8, decoder 4-bit ``MatMulNBits``): ``musicgen.runtime.MusicgenOnnx``
-  over bundles written by ``musicgen.export``;
+  int8), ``ort_int4dec`` (T5 int8, decoder 4-bit ``MatMulNBits``): ``musicgen.bundle.runtime.MusicgenOnnx``
+  over bundles written by ``musicgen.bundle.build``;
 
 all greedy with guidance 3, batch 1, N new tokens. Each measurement runs in its own process (so that
 its peak RSS is its own), implementations alternate within each repeat, and the reported figure is
@@ -55,10 +55,10 @@ def musicgen_config(size: str):
     from transformers import EncodecConfig, MusicgenConfig, MusicgenDecoderConfig, T5Config
 
     if size == "tiny":
-        from musicgen.tiny import tiny_musicgen_config
+        from musicgen.models.tiny import tiny_musicgen_config
 
         return tiny_musicgen_config()
-    from musicgen.tiny import TINY_WORDS
+    from musicgen.models.tiny import TINY_WORDS
 
     small = size == "small"
     t5 = T5Config(
@@ -85,7 +85,7 @@ def build_model_dir(size: str, out: Path) -> Path:
     import torch
     from transformers import MusicgenForConditionalGeneration
 
-    from musicgen.tiny import build_word_tokenizer, make_informative
+    from musicgen.models.tiny import build_word_tokenizer, make_informative
 
     torch.manual_seed(0)
     model = MusicgenForConditionalGeneration(musicgen_config(size)).eval()
@@ -100,7 +100,7 @@ def build_model_dir(size: str, out: Path) -> Path:
 
 def plans():
     from kdq.quant import Plan
-    from musicgen.plans import paper_plan
+    from musicgen.plan import paper_plan
 
     return {
         "fp32": "fp32",
@@ -170,7 +170,7 @@ def worker(args) -> None:
         samples = audio.shape[-1]
         steps_s = None
     else:
-        from musicgen.runtime import MusicgenOnnx, Timings
+        from musicgen.bundle.runtime import MusicgenOnnx, Timings
 
         rt = MusicgenOnnx(args.bundle, threads=args.threads)
         load_s = time.perf_counter() - t0
@@ -180,7 +180,7 @@ def worker(args) -> None:
         gen_s = time.perf_counter() - t
         samples = audio.shape[-1]
         steps_s = timings.stages["decoder_cached_steps"] / (timings.decoder_steps - 1)
-    from musicgen.device_run import peak_rss_bytes
+    from musicgen.bundle.device import peak_rss_bytes
 
     rss = peak_rss_bytes()
     print(json.dumps({"load_s": load_s, "gen_s": gen_s, "audio_s": samples / 32000, "peak_rss": rss, "step_s": steps_s}))
@@ -235,7 +235,7 @@ def main() -> None:
         t = time.perf_counter()
         build_model_dir(args.size, model_dir)
         print(f"model built in {time.perf_counter() - t:.1f}s", flush=True)
-    from musicgen.export import export_bundle
+    from musicgen.bundle.build import export_bundle
 
     bundles: dict[str, Path] = {}
     all_plans = plans()

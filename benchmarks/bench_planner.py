@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from kdq.quant import MixedPrecisionPlanner, model_bytes  # noqa: E402
-from musicgen.plans import calibration_inputs, musicgen_groups, musicgen_score, paper_plan  # noqa: E402
+from musicgen.plan import calibration_inputs, musicgen_groups, musicgen_score, paper_plan  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "planner.csv"
 FIELDS = ["op", "impl", "shape", "metric", "median", "p20", "p80", "machine", "commit", "load"]
@@ -61,7 +61,7 @@ def musicgen_small_config():
 def build_small(seed: int = 0):
     from transformers import MusicgenForConditionalGeneration
 
-    from musicgen.tiny import make_informative
+    from musicgen.models.tiny import make_informative
 
     torch.manual_seed(seed)
     model = MusicgenForConditionalGeneration(musicgen_small_config()).eval()
@@ -136,7 +136,7 @@ def main() -> None:
         _append(Path(args.out), rows)
         return
     if args.tiny:
-        from musicgen.tiny import build_tiny_musicgen
+        from musicgen.models.tiny import build_tiny_musicgen
 
         model = build_tiny_musicgen(0)
     else:

@@ -12,8 +12,8 @@ import pytest
 
 from kdq.cli import main
 from kdq.quant import Plan, apply_plan, model_bytes, model_fingerprint
-from musicgen.plans import paper_plan
-from musicgen.tiny import build_tiny_musicgen, save_tiny_musicgen
+from musicgen.plan import paper_plan
+from musicgen.models.tiny import build_tiny_musicgen, save_tiny_musicgen
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +79,7 @@ def test_module_entry_point(plan_file):
 
 
 def test_make_plan_example_writes_a_measured_plan(model_dir, tmp_path, capsys):
-    from musicgen.make_plan import main as make_plan
+    from musicgen.plan import main as make_plan
 
     out = tmp_path / "plan.json"
     assert make_plan(["--model", str(model_dir), "--out", str(out), "--granularity", "part",

@@ -13,10 +13,10 @@ import pytest
 pytest.importorskip("onnxruntime")
 pytest.importorskip("transformers")
 
-from musicgen.device_run import DeviceRunError, device_run, ensure_ort_format  # noqa: E402
-from musicgen.export import export_bundle  # noqa: E402
-from musicgen.runtime import MusicgenOnnx  # noqa: E402
-from musicgen.tiny import save_tiny_musicgen  # noqa: E402
+from musicgen.bundle.device import DeviceRunError, device_run, ensure_ort_format  # noqa: E402
+from musicgen.bundle.build import export_bundle  # noqa: E402
+from musicgen.bundle.runtime import MusicgenOnnx  # noqa: E402
+from musicgen.models.tiny import save_tiny_musicgen  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 

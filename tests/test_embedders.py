@@ -10,8 +10,8 @@ import soundfile as sf
 import torch
 
 from kdq.metrics import frechet_distance
-from musicgen.audiofolder import resample, write_metadata
-from musicgen.embedders import (
+from musicgen.data.audiofolder import resample, write_metadata
+from musicgen.eval.embedders import (
     ClapEmbedder,
     ClapMiniEmbedder,
     EmbedderError,
@@ -23,8 +23,9 @@ from musicgen.embedders import (
     vggish_examples,
     vggish_log_mel,
 )
-from musicgen.evaluate import evaluate, main, offline_embedders
-from musicgen.tiny import build_tiny_musicgen, build_word_tokenizer, save_tiny_musicgen
+from musicgen.eval.metrics import evaluate, offline_embedders
+from musicgen.evaluate import main
+from musicgen.models.tiny import build_tiny_musicgen, build_word_tokenizer, save_tiny_musicgen
 
 SR = 16000
 

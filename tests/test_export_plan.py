@@ -195,8 +195,8 @@ pytest.importorskip("transformers")
 @pytest.fixture(scope="module")
 def paper_bundle(tmp_path_factory):
     from musicgen.export import main
-    from musicgen.plans import paper_plan
-    from musicgen.tiny import save_tiny_musicgen
+    from musicgen.plan import paper_plan
+    from musicgen.models.tiny import save_tiny_musicgen
 
     root = tmp_path_factory.mktemp("paper")
     model_dir = save_tiny_musicgen(root / "model")
@@ -234,7 +234,7 @@ def test_paper_plan_bundle_layout_conformance_and_parity(paper_bundle):
 
 
 def test_paper_plan_bundle_generates_close_to_fp32(paper_bundle):
-    from musicgen.runtime import MusicgenOnnx
+    from musicgen.bundle.runtime import MusicgenOnnx
     from transformers import AutoTokenizer, MusicgenForConditionalGeneration
 
     model_dir, bundle = paper_bundle
@@ -250,9 +250,9 @@ def test_paper_plan_bundle_generates_close_to_fp32(paper_bundle):
 
 def test_layer_granularity_plan_bundle(tmp_path):
     """A plan finer than parts (per layer, mixed dtypes inside the decoder) exports and conforms."""
-    from musicgen.export import export_bundle
-    from musicgen.runtime import MusicgenOnnx
-    from musicgen.tiny import save_tiny_musicgen
+    from musicgen.bundle.build import export_bundle
+    from musicgen.bundle.runtime import MusicgenOnnx
+    from musicgen.models.tiny import save_tiny_musicgen
 
     model_dir = save_tiny_musicgen(tmp_path / "model")
     dec = "decoder.model.decoder"

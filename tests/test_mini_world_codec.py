@@ -8,22 +8,20 @@ import numpy as np
 import pytest
 import torch
 
-from musicgen.codec import (
-    CodecConfig,
-    CodecError,
-    MultiResolutionMelLoss,
-    build_codec,
-    chroma,
-    chroma_correlation,
-    codebook_stats,
-    encode,
-    kmeans_init,
-    rvq_train_forward,
-    train_codec,
-)
+from musicgen.config import CodecConfig, ConfigError, TrainConfig
+from musicgen.data.tokens import encode_clips
+from musicgen.eval.codec import chroma, chroma_correlation
+from musicgen.models.codec import build_codec, codebook_stats, kmeans_init, rvq_train_forward
+from musicgen.train.loop import train
+from musicgen.train.objectives import CodecObjective, SpectralLoss
 
-TOY = CodecConfig(num_filters=4, hidden_size=8, codebook_size=16, steps=16, warmup_ae_steps=4, batch_size=4,
-                  crop_seconds=0.2, lr_warmup=2, kmeans_clips=6, mel_ffts=(128, 256), checkpoint_every=8, log_every=4)
+TOY = CodecConfig(num_filters=4, hidden_size=8, codebook_size=16, warmup_ae_steps=4, crop_seconds=0.2, kmeans_clips=6,
+                  mel_ffts=(128, 256), train=TrainConfig(steps=16, micro_batch=4, lr=2e-3, warmup_steps=2, betas=(0.9, 0.99),
+                                                         weight_decay=0.0, max_grad_norm=10.0, checkpoint_every=8))
+
+
+def encode(model, audio: torch.Tensor) -> torch.Tensor:
+    return encode_clips(model, list(audio.numpy()), sample_rate=8000, clip_seconds=audio.shape[1] / 8000)
 
 
 def toy_audio(n: int = 8, seconds: float = 0.5, sr: int = 8000, seed: int = 0) -> torch.Tensor:
@@ -43,10 +41,12 @@ def toy_audio(n: int = 8, seconds: float = 0.5, sr: int = 8000, seed: int = 0) -
 
 
 def test_config_checks_frame_rate_and_codebook():
-    with pytest.raises(CodecError, match="50"):
-        CodecConfig(upsampling_ratios=(8, 5, 4, 4)).validate()
-    with pytest.raises(CodecError, match="power of two"):
-        CodecConfig(codebook_size=1000).validate()
+    with pytest.raises(ConfigError, match="50"):
+        CodecConfig(upsampling_ratios=(8, 5, 4, 4))
+    with pytest.raises(ConfigError, match="power of two"):
+        CodecConfig(codebook_size=1000)
+    with pytest.raises(ConfigError, match="warmup_ae_steps"):
+        CodecConfig(warmup_ae_steps=16, train=TOY.train)
     model = build_codec(TOY)
     assert model.config.frame_rate == 50 and model.quantizer.get_num_quantizers_for_bandwidth(model.config.target_bandwidths[-1]) == 4
 
@@ -134,8 +134,9 @@ def test_chroma_finds_the_pitch_class():
     assert chroma_correlation(a, c, sr) < 0.2
 
 
-def test_mel_loss_zero_on_equal_and_differentiable():
-    loss = MultiResolutionMelLoss(8000, (128, 256))
+@pytest.mark.parametrize("stft", [(), (256,)])
+def test_spectral_loss_zero_on_equal_and_differentiable(stft):
+    loss = SpectralLoss(8000, mel_ffts=(128, 256), stft_ffts=stft, stft_weight=1.0)
     x = toy_audio(2, 0.25)
     assert float(loss(x, x)) == 0.0
     y = (0.5 * x).requires_grad_(True)
@@ -147,17 +148,24 @@ def test_mel_loss_zero_on_equal_and_differentiable():
 def test_toy_training_uses_all_codebooks_saves_and_resumes(tmp_path):
     from transformers import EncodecModel
 
+    from musicgen.train.loop import read_curve
+
     audio = toy_audio(8)
-    model, log = train_codec(TOY, audio, tmp_path / "a", progress=False)
-    assert log["curve"][-1]["loss"] < log["curve"][0]["loss"]
+    model = build_codec(TOY)
+    train(model, CodecObjective(TOY, audio), TOY.train, tmp_path / "a", progress=False)
+    curve = read_curve(tmp_path / "a" / "curve.jsonl")
+    assert np.mean([e["loss"] for e in curve[-4:]]) < np.mean([e["loss"] for e in curve[:4]])
     codes = encode(model, toy_audio(4, seed=1))
     stats = codebook_stats(codes.transpose(0, 1), TOY.codebook_size)
     assert all(p > 2.0 for p in stats["perplexity"]), stats  # no residual codebook collapsed to one code
+    model.save_pretrained(tmp_path / "a" / "model")
     loaded = EncodecModel.from_pretrained(tmp_path / "a" / "model")
     assert torch.equal(encode(loaded, audio[:2]), encode(model, audio[:2]))
-    # Killed after its first step, then resumed: same weights as the uninterrupted run.
-    _, first = train_codec(TOY, audio, tmp_path / "b", progress=False, max_seconds=0.0)
-    assert first["stopped_at"] == 1
-    resumed, _ = train_codec(TOY, audio, tmp_path / "b", progress=False)
-    for (name, p), q in zip(model.state_dict().items(), resumed.state_dict().values()):
+    # Stopped after its first step, then resumed in a fresh process: same weights and codebooks (k-means at
+    # the end of the warm-up, EMA updates, restarts) as the uninterrupted run.
+    stopped = train(build_codec(TOY), CodecObjective(TOY, audio), TOY.train, tmp_path / "b", progress=False, max_seconds=0.0)
+    b = build_codec(TOY)
+    summary = train(b, CodecObjective(TOY, audio), TOY.train, tmp_path / "b", progress=False)
+    assert stopped["steps_done"] == 1 and summary["resumed_from"] == 1
+    for (name, p), q in zip(model.state_dict().items(), b.state_dict().values()):
         assert torch.equal(p, q), name

@@ -11,19 +11,21 @@ import pytest
 pytest.importorskip("music21")
 pytest.importorskip("fluidsynth")
 
-from musicgen.audiofolder import load_audio, read_split  # noqa: E402
-from musicgen.data import SPLITS, RenderConfig, RenderError, make_caption, render_dataset, select_pieces  # noqa: E402
+from musicgen.config import ConfigError, RenderConfig  # noqa: E402
+from musicgen.data.audiofolder import load_audio, read_split  # noqa: E402
+from musicgen.data.render import SPLITS, make_caption, render_dataset, select_pieces  # noqa: E402
 
 CFG = RenderConfig(
     pieces={"bach": 4, "folk": 3}, clip_seconds=1.0, clips_per_render=2, renders_per_piece=1,
-    max_render_seconds=4.0, fractions=(0.25, 0.25), seed=3, workers=1,
+    max_render_seconds=4.0, fractions=(0.25, 0.25), workers=1,
 )
+SEED = 3
 
 
 @pytest.fixture(scope="module")
 def rendered(tmp_path_factory):
     out = tmp_path_factory.mktemp("data")
-    return out, render_dataset(CFG, out, progress=False)
+    return out, render_dataset(CFG, out, seed=SEED, progress=False)
 
 
 def _digest(root) -> str:
@@ -55,45 +57,48 @@ def test_clips_have_audio_and_captions_that_describe_them(rendered):
         text = clip.text.lower()
         assert clip.meta["instrument"] in text and clip.meta["key"].lower() in text
         assert clip.meta["tempo"] in text
+        # the score's notes that sound in the clip, clip-relative, transposed like the audio
+        notes = clip.meta["notes"]
+        assert notes and all(0 <= on < off <= CFG.clip_seconds + 1e-6 and 0 <= p < 128 for on, off, p in notes)
     assert stats["caption_vocabulary"] == len(stats["caption_words"]) > 10
 
 
 def test_rendering_is_deterministic_and_independent_of_workers(rendered, tmp_path):
     root, _ = rendered
     again = tmp_path / "again"
-    stats = render_dataset(RenderConfig(**{**CFG.__dict__, "workers": 2}), again, progress=False)
+    stats = render_dataset(RenderConfig(**{**CFG.__dict__, "workers": 2}), again, seed=SEED, progress=False)
     assert _digest(again) == _digest(root)
     assert json.loads((again / "stats.json").read_text())["clips"] == stats["clips"]
 
 
 def test_other_seed_changes_the_choice():
-    a = [p.key for p in select_pieces(CFG)]
-    b = [p.key for p in select_pieces(RenderConfig(**{**CFG.__dict__, "seed": 4}))]
+    a = [p.key for p in select_pieces(CFG, seed=SEED)]
+    b = [p.key for p in select_pieces(CFG, seed=SEED + 1)]
     assert a != b and len(a) == len(b)
 
 
 def test_bad_pieces_fail_is_counted_not_fatal(tmp_path, monkeypatch):
-    import musicgen.data as data
+    import musicgen.data.render as data
 
     real = data.select_pieces
 
-    def with_broken(cfg):
-        pieces = real(cfg)
+    def with_broken(cfg, *, seed):
+        pieces = real(cfg, seed=seed)
         return [data.Piece("broken/none.abc", "folk", str(tmp_path / "missing.abc"), "train"), *pieces[:1]]
 
     monkeypatch.setattr(data, "select_pieces", with_broken)
-    stats = render_dataset(CFG, tmp_path / "out", progress=False)
+    stats = render_dataset(CFG, tmp_path / "out", seed=SEED, progress=False)
     assert stats["failures"] == 1 and stats["failure_list"][0]["piece"] == "broken/none.abc"
     assert stats["pieces_rendered"] == 1
 
 
 def test_bad_config_is_named():
-    with pytest.raises(RenderError, match="pieces"):
-        RenderConfig(pieces={"bahc": 1}).validate()
-    with pytest.raises(RenderError, match="fractions"):
-        RenderConfig(fractions=(0.6, 0.5)).validate()
-    with pytest.raises(RenderError, match="workers=0"):
-        RenderConfig(workers=0).validate()
+    with pytest.raises(ConfigError, match="did you mean 'bach'"):
+        RenderConfig(pieces={"bahc": 1})
+    with pytest.raises(ConfigError, match="fractions"):
+        RenderConfig(fractions=(0.6, 0.5))
+    with pytest.raises(ConfigError, match="workers=0"):
+        RenderConfig(workers=0)
 
 
 def test_caption_phrasings_all_name_the_facts():

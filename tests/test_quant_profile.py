@@ -22,8 +22,8 @@ from kdq.quant import (
     default_groups,
     model_bytes,
 )
-from musicgen.plans import calibration_inputs, musicgen_groups, musicgen_score, paper_plan
-from musicgen.tiny import build_tiny_musicgen
+from musicgen.plan import calibration_inputs, musicgen_groups, musicgen_score, paper_plan
+from musicgen.models.tiny import build_tiny_musicgen
 
 GROUPS = [
     "text_encoder",

@@ -13,17 +13,17 @@ from hypothesis import strategies as st
 pytest.importorskip("onnxruntime")
 pytest.importorskip("transformers")
 
-from musicgen.export import export_bundle  # noqa: E402
-from musicgen.runtime import (  # noqa: E402
+from musicgen.bundle.build import export_bundle  # noqa: E402
+from musicgen.bundle.runtime import (  # noqa: E402
     BundleLoadError,
     GenerationArgError,
     MusicgenOnnx,
     apply_delay_pattern,
     build_delay_pattern,
     sample_next,
-    write_wav,
 )
-from musicgen.tiny import save_tiny_musicgen  # noqa: E402
+from musicgen.files import write_wav  # noqa: E402
+from musicgen.models.tiny import save_tiny_musicgen  # noqa: E402
 
 PROMPTS = ["a calm piano chorale", "lively folk dance with violin and flute"]
 
@@ -177,22 +177,68 @@ def test_write_wav_roundtrip(tmp_path):
 
 
 def test_failed_export_leaves_previous_bundle(tiny_bundle, tmp_path, monkeypatch):
-    import musicgen.export as ex
+    import musicgen.bundle.build as build
     from kdq.export import OnnxParityError
 
-    model_dir, _, _ = tiny_bundle
+    model_dir, bundle, _ = tiny_bundle
     out = tmp_path / "bundle"
-    out.mkdir()
-    (out / "keep.txt").write_text("old")
+    export_bundle(str(model_dir), out, progress=False)
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
 
     def failing(*args, **kwargs):
         raise OnnxParityError("forced", output="logits", max_diff=1.0, atol=1e-4, rtol=0.0)
 
-    monkeypatch.setattr(ex, "validate_onnx", failing)
+    monkeypatch.setattr(build, "validate_onnx", failing)
     with pytest.raises(OnnxParityError):
         export_bundle(str(model_dir), out, progress=False)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]
-    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]  # no staging folder left
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
+def test_export_never_deletes_files_it_did_not_write(tiny_bundle, tmp_path):
+    """Regression: exporting into an existing folder removed every file the user had there."""
+    from musicgen.bundle.build import BundleError
+
+    model_dir, _, _ = tiny_bundle
+    user = tmp_path / "my_folder"
+    user.mkdir()
+    (user / "thesis.tex").write_text("years of work")
+    with pytest.raises(BundleError, match="kdq never deletes files it did not write"):
+        export_bundle(str(model_dir), user, progress=False)
+    assert [p.name for p in user.iterdir()] == ["thesis.tex"]
+    # over an earlier bundle, only that bundle's own files are replaced; a file added since is kept
+    out = tmp_path / "bundle"
+    export_bundle(str(model_dir), out, progress=False)
+    (out / "notes.txt").write_text("mine")
+    (out / "onnx" / "text_encoder.onnx").write_bytes(b"stale")
+    report = export_bundle(str(model_dir), out, progress=False)
+    assert (out / "notes.txt").read_text() == "mine"
+    assert (out / "onnx" / "text_encoder.onnx").stat().st_size > 100
+    assert "notes.txt" not in report["files"] and "onnx/text_encoder.onnx" in report["files"]
+
+
+def test_plan_rules_that_match_nothing_are_refused_by_export(tiny_bundle, tmp_path):
+    """Regression: Plan({"text_encoderr": "int8"}) exported an all-fp32 bundle without a word."""
+    from kdq.quant import Plan, PlanError
+
+    model_dir, _, _ = tiny_bundle
+    with pytest.raises(PlanError, match="did you mean 'text_encoder'"):
+        export_bundle(str(model_dir), tmp_path / "b", plan=Plan({"text_encoderr": "int8"}), progress=False)
+    assert not (tmp_path / "b").exists()
+
+
+def test_staging_folders_of_killed_exports_are_swept(tiny_bundle, tmp_path):
+    """Regression: a SIGKILL during export left a bundle-sized staging folder forever."""
+    import os
+
+    model_dir, _, _ = tiny_bundle
+    dead, alive = tmp_path / ".b.export-dead", tmp_path / ".b.export-alive"
+    for folder, pid in ((dead, 2**22 + 12345), (alive, os.getpid())):
+        folder.mkdir()
+        (folder / "pid").write_text(str(pid))
+        (folder / "big.onnx").write_bytes(b"0" * 1000)
+    export_bundle(str(model_dir), tmp_path / "b", progress=False)
+    assert not dead.exists() and alive.exists()  # an export still running (its process lives) is left alone
 
 
 def test_projected_encoder_states_match_generate(tmp_path):

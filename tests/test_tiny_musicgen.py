@@ -2,7 +2,7 @@
 
 import torch
 
-from musicgen.tiny import build_tiny_musicgen, build_word_tokenizer, save_tiny_musicgen
+from musicgen.models.tiny import build_tiny_musicgen, build_word_tokenizer, save_tiny_musicgen
 
 
 def test_audio_depends_on_codes_and_roundtrips(tmp_path):

@@ -3,13 +3,13 @@
 ::
 
     python examples/musicgen/diagnose.py --run runs/mini MODEL_DIR [MODEL_DIR ...]   # valid split
-    python examples/musicgen/diagnose.py --run runs/mini teacher student_base runs/mini/student_kd/model
+    python examples/musicgen/diagnose.py --run runs/mini teacher student_base runs/mini/distill_kd/model
 
 Per model, one JSON line: NLL (nats per token, all codebooks and the first), forward KL to the run's
 teacher, and the caption gain: NLL with every clip's caption swapped for another clip's minus NLL with
 its own, i.e. how much the model uses the text (0 = it ignores it). ``teacher`` and ``student_base``
-name the run's world models. Reads ``RUN/world/tokens/<split>.safetensors``; never the test split
-unless asked for with ``--split test``.
+name the run's models. Reads the run's token files; never the test split unless asked for with
+``--split test``.
 """
 
 from __future__ import annotations
@@ -19,9 +19,8 @@ import json
 import sys
 from pathlib import Path
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+if __package__ in (None, ""):  # run as a script: import the example as the package `musicgen`
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 import torch
 
@@ -30,22 +29,23 @@ from musicgen import flush_denormals
 
 def diagnose(run: str | Path, models: list[str], *, split: str = "valid") -> list[dict]:
     """The figures above for each model (a folder, ``teacher`` or ``student_base``)."""
-    from musicgen.distill import CodesDataset, load_codes
-    from musicgen.reproduce import _load, _tokenizer, heldout_figures
-    from musicgen.world import world_paths
+    from musicgen.data.tokens import TokenDataset
+    from musicgen.eval.heldout import heldout
+    from musicgen.files import read_json
+    from musicgen.models.musicgen import load_musicgen, load_tokenizer
 
-    paths = world_paths(Path(run) / "world")
-    ds = load_codes(paths[f"tokens_{split}"])
+    results = read_json(Path(run) / "results.json")
+    ds = TokenDataset.load(Path(run) / "tokens" / f"{split}.safetensors")
     other = torch.roll(torch.arange(len(ds)), len(ds) // 2).tolist()  # a different clip's caption
-    swapped = CodesDataset(ds.codes, [ds.texts[i] for i in other])
-    named = {"teacher": paths["teacher"], "student_base": paths["student"]}
-    teacher = _load(named["teacher"])
-    tok = _tokenizer(named["teacher"])
+    swapped = TokenDataset(ds.codes, [ds.captions[i] for i in other])
+    named = {"teacher": results["world"]["teacher"], "student_base": results["world"]["student_base"]}
+    teacher = load_musicgen(named["teacher"])
+    tok = load_tokenizer(named["teacher"])
     rows = []
     for name in models:
-        model = _load(named.get(name, name))
-        own = heldout_figures(model, None if name == "teacher" else teacher, tok, ds)
-        swap = heldout_figures(model, None, tok, swapped)
+        model = load_musicgen(named.get(name, name))
+        own = heldout(model, tok, ds, teacher=None if name == "teacher" else teacher)
+        swap = heldout(model, tok, swapped)
         rows.append({"model": name, "split": split, "clips": len(ds), "nll": round(own["nll"], 4),
                      "nll_cb0": round(own["nll_cb0"], 4), "kl_teacher": round(own["kl_teacher"], 4),
                      "caption_gain": round(swap["nll"] - own["nll"], 4),
@@ -56,7 +56,7 @@ def diagnose(run: str | Path, models: list[str], *, split: str = "valid") -> lis
 @flush_denormals
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--run", required=True, help="a reproduce.py output folder (its world/ is read)")
+    ap.add_argument("--run", required=True, help="a reproduce.py output folder")
     ap.add_argument("--split", default="valid", choices=["train", "valid", "test"])
     ap.add_argument("models", nargs="+", help="model folders, or teacher / student_base")
     a = ap.parse_args(argv)

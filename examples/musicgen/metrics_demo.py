@@ -9,7 +9,7 @@ quality is known by construction, which shows what each score responds to:
   wrong prompts.
 
 The reference set for FAD is the ``test`` split (other pieces). Steps: render a small mini-world
-dataset (``musicgen.data``: music21 pieces through a General MIDI SoundFont), train ``clap-mini``
+dataset (``musicgen.data.render``: music21 pieces through a General MIDI SoundFont), train ``clap-mini``
 (the offline CLAP proxy) on its ``train`` split and report its held-out retrieval, then score each
 set with clap-mini and with codec latents (``--codec`` for a trained EnCodec or MusicGen folder;
 by default the tiny MusicGen's untrained EnCodec, keyed ``encodec-tiny-random``, which shows the
@@ -28,8 +28,8 @@ import sys
 import time
 from pathlib import Path
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if __package__ in (None, ""):  # run as a script: import the example as the package `musicgen`
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 import numpy as np
 
@@ -60,10 +60,12 @@ def main(argv: list[str] | None = None) -> dict:
     import torch
 
     from kdq.metrics import retention_table
-    from musicgen.data import RenderConfig, render_dataset
-    from musicgen.embedders import EncodecEmbedder, train_clap_mini
-    from musicgen.evaluate import write_json, evaluate, format_table, load_clips, offline_embedders
-    from musicgen.tiny import build_tiny_musicgen
+    from musicgen.config import RenderConfig
+    from musicgen.data.render import render_dataset
+    from musicgen.eval.embedders import EncodecEmbedder, train_clap_mini
+    from musicgen.eval.metrics import evaluate, format_table, load_clips, offline_embedders
+    from musicgen.files import write_json
+    from musicgen.models.tiny import build_tiny_musicgen
 
     torch.set_num_threads(args.threads)
     out = Path(args.out)
@@ -72,7 +74,7 @@ def main(argv: list[str] | None = None) -> dict:
     if not (data / "stats.json").exists():
         pieces = {k: int(v) for k, v in (kv.split("=") for kv in args.pieces.split(","))}
         cfg = RenderConfig(pieces=pieces, sample_rate=sr, renders_per_piece=2, clips_per_render=3, fractions=(0.15, 0.15))
-        render_dataset(cfg, data)
+        render_dataset(cfg, data, seed=0)
     stats = json.loads((data / "stats.json").read_text())
 
     t0 = time.perf_counter()

@@ -28,15 +28,14 @@ import html
 import io
 import json
 import math
-import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if __package__ in (None, ""):  # run as a script: import the example as the package `musicgen`
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
 
+from kdq._io import atomic_write_text
 from kdq.errors import KdqError, bad_value
 
 #: TinyMusician's published figures (arXiv 2509.00914) for its combined model.
@@ -338,7 +337,7 @@ def _stages(results: dict) -> str:
     total = 0.0
     for name, s in (results.get("stages") or {}).items():
         wall = s.get("wall_s")
-        total += 0.0 if "/" in name else (wall or 0.0)  # sub-stages (world/render) are inside their stage
+        total += wall or 0.0
         state = ("skipped: " + html.escape(str(s["skipped"]))) if s.get("skipped") else ("cached" if s.get("cached") else "ran")
         rows.append([html.escape(name), _fmt(wall, 1), state])
     rows.append(["<b>total</b>", f"<b>{total:.1f}</b>", ""])
@@ -395,8 +394,6 @@ def render(results: dict, root: str | Path) -> str:
     skipped = [f"<li><code>{html.escape(k)}</code>: {html.escape(str(v['skipped']))}</li>"
                for k, v in (results.get("stages") or {}).items() if isinstance(v, dict) and v.get("skipped")]
     skipped_html = f"<p>Stages not run:</p><ul>{''.join(skipped)}</ul>" if skipped else ""
-    if results.get("stand_in"):
-        skipped_html += f'<p class="skip"><b>STAND-IN MODELS:</b> {html.escape(str(results["stand_in"]))}</p>'
 
     body = [
         f"<h1>{title}</h1>",
@@ -417,11 +414,7 @@ def write_report(results_path: str | Path, out: str | Path | None = None) -> Pat
     results = json.loads(results_path.read_text())
     page = render(results, results_path.parent)
     target = Path(out) if out else results_path.parent / "report.html"
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".report.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(page)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, target)
+    atomic_write_text(target, page)
     return target
 
 

@@ -1,452 +1,319 @@
-"""The mini world, stage by stage: render -> codec -> text -> tokens -> teacher -> student.
+"""The mini world: real music rendered offline, and the models the reproduction starts from.
 
-Each stage writes into ``OUT/<stage>/`` and finishes by writing ``OUT/<stage>/manifest.json`` with a
-key: the SHA-256 of its own config and the keys of the stages it reads. A stage whose manifest key
-matches is skipped (cached); one whose config or inputs changed is rerun from scratch; one that was
-interrupted resumes (training stages continue from their last checkpoint). ``--rebuild`` reruns
-everything. ``OUT/summary.json`` collects each stage's figures, wall time and the machine load.
+Stages (run by ``reproduce.py --from-scratch``, or here; each through ``musicgen.pipeline``)::
 
-Command line::
+    render -> codec -> text -> tokens -> teacher, student_base
 
-    python examples/musicgen/world.py --preset smoke --out runs/smoke
-    python examples/musicgen/world.py --preset mini --out runs/mini      # about 25 minutes on 2 cores
+``render`` draws pieces from music21's corpus and renders them through a General MIDI SoundFont;
+``codec`` trains a small EnCodec on the training clips; ``text`` a word tokenizer and a T5 encoder
+pretrained on the captions; ``tokens`` encodes every split; ``teacher`` and ``student_base`` are
+MusicGen decoders trained from scratch with cross-entropy on the codes (``student_base`` is the
+analogue of a pretrained MusicGen-small).
 
-Python (used by ``reproduce.py``)::
+The *local hub*: the mini preset ships these products under ``examples/musicgen/hub/mini/`` as
+``from_pretrained`` folders, each with a model card (recipe, seed, command, held-out figures,
+SHA-256 of every file), so the main job starts from pretrained checkpoints as the paper does.
+``python examples/musicgen/world.py --preset mini --out runs/world --publish`` rebuilds them.
 
-    from musicgen.world import PRESETS, run_world, world_paths
-    summary = run_world(PRESETS["mini"], "runs/mini")
-    paths = world_paths("runs/mini")   # teacher, student, codec, text, tokens/{train,valid,test}.safetensors
+    python examples/musicgen/world.py --preset smoke --out runs/world-smoke
+    python examples/musicgen/world.py --preset mini --out runs/world [--publish] [--force codec]
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
-import os
+import shlex
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if __package__ in (None, ""):  # run as a script: import the example as the package `musicgen`
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from kdq.errors import KdqError, bad_value, close_matches  # noqa: E402
-from musicgen import flush_denormals  # noqa: E402
-from musicgen.codec import CodecConfig  # noqa: E402
-from musicgen.data import RenderConfig  # noqa: E402
-from musicgen.lm import DecoderConfig, TrainConfig  # noqa: E402
-from musicgen.text import TextConfig  # noqa: E402
+import numpy as np
+import torch
 
-STAGES = ("render", "codec", "text", "tokens", "teacher", "student")
+from kdq.errors import KdqError
+from musicgen import flush_denormals
+from musicgen.config import CodecConfig, LMConfig, Preset, WorldConfig, digest, key_of, preset
+from musicgen.files import read_json, sha256, write_json
+from musicgen.pipeline import Context, Pipeline
+
+HUB = Path(__file__).resolve().parent / "hub"
+PRODUCTS = ("codec", "text", "teacher", "student_base")  # what the hub ships (from_pretrained folders)
+SPLITS = ("train", "valid", "test")
 
 
 class WorldError(KdqError):
-    """An unknown preset or stage, or a stage folder that cannot be used."""
+    """A world that cannot be built or a hub that does not match its recipe."""
 
 
-@dataclass(frozen=True)
-class WorldPreset:
-    """Every size and recipe of the mini world (plain data)."""
-
-    name: str
-    render: RenderConfig
-    codec: CodecConfig
-    text: TextConfig
-    teacher: DecoderConfig
-    student: DecoderConfig
-    teacher_train: TrainConfig
-    student_train: TrainConfig
-    eval_clips: int = 64  # held-out clips for the codec report
-    generate: int = 3  # clips generated from test captions per model
-    generate_seconds: float = 4.0
-    seed: int = 0
-    threads: int = 1  # torch intra-op threads for every stage (render uses render.workers processes)
-
-    def to_json(self) -> dict:
-        return json.loads(json.dumps(asdict(self)))
-
-    def recipe(self) -> dict:
-        """``to_json()`` without thread counts: what decides the world's products (and its cache keys)."""
-        return _without_threads(self.to_json())
+# ------------------------------------------------------------------------------------------ stages
 
 
-SMOKE = WorldPreset(
-    name="smoke",
-    render=RenderConfig(pieces={"bach": 3, "folk": 3}, clip_seconds=2.0, clips_per_render=2, renders_per_piece=1,
-                        max_render_seconds=8.0, fractions=(0.2, 0.2), workers=1),
-    codec=CodecConfig(num_filters=4, hidden_size=16, codebook_size=64, steps=30, warmup_ae_steps=10, batch_size=4,
-                      crop_seconds=0.5, lr_warmup=5, kmeans_clips=8, mel_ffts=(256, 512), checkpoint_every=15),
-    text=TextConfig(d_model=32, num_layers=1, num_heads=2, d_ff=64, pretrain_steps=10, batch_size=8),
-    teacher=DecoderConfig(hidden=64, layers=2, heads=4, ffn=128),
-    student=DecoderConfig(hidden=32, layers=1, heads=2, ffn=64),
-    teacher_train=TrainConfig(steps=20, batch_size=4, warmup=5, checkpoint_every=10, log_every=5),
-    student_train=TrainConfig(steps=20, batch_size=4, warmup=5, checkpoint_every=10, log_every=5),
-    eval_clips=4,
-    generate=1,
-    generate_seconds=1.0,
-)
+def render_stage(p: Preset, ctx: Context) -> dict:
+    """Render the dataset (audiofolder layout) into ``ctx.folder/data``."""
+    from musicgen.data.audiofolder import read_split
+    from musicgen.data.render import render_dataset
 
-MINI = WorldPreset(
-    name="mini",
-    render=RenderConfig(
-        pieces={"bach": 110, "folk": 70, "palestrina": 30, "monteverdi": 16, "trecento": 16, "classical": 8},
-        clip_seconds=4.0, clips_per_render=3, renders_per_piece=2, max_render_seconds=30.0, workers=2,
-    ),
-    codec=CodecConfig(steps=2000, warmup_ae_steps=300, batch_size=8, crop_seconds=1.0, checkpoint_every=200, threads=2),
-    text=TextConfig(d_model=128, num_layers=2, num_heads=4, d_ff=256, pretrain_steps=200),
-    teacher=DecoderConfig(hidden=256, layers=4, heads=8, ffn=1024),
-    student=DecoderConfig(hidden=128, layers=2, heads=4, ffn=512),
-    # Validation NLL after 800 steps at lr 2e-3: teacher 5.540 vs student 5.502 (the bigger decoder was
-    # undertrained), hence the teacher's larger budget and the student's learning rate. At 1200 steps the
-    # teacher was ahead by 0.12 nats in one run and by 0.01 in another (test split; thread counts
-    # differed), too little for distillation to show, hence 2400 (docs/mini_world.md).
-    teacher_train=TrainConfig(steps=2400, batch_size=8, lr=3e-3, warmup=60, checkpoint_every=100, threads=2),
-    student_train=TrainConfig(steps=800, batch_size=8, lr=3e-3, warmup=60, checkpoint_every=100, threads=2),
-    eval_clips=64,
-    generate=3,
-    # Two threads on a machine of one's own (measured on an idle 2-core machine: a codec step 0.53 -> 0.26 s, a
-    # teacher step 0.63 -> 0.38 s); the smoke preset keeps one, since CI and test machines may be shared.
-    threads=2,
-)
-
-PRESETS: dict[str, WorldPreset] = {"smoke": SMOKE, "mini": MINI}
+    root = ctx.folder / "data"
+    stats = render_dataset(p.data, root, seed=p.seed, progress=ctx.progress)
+    counts = {s: len(read_split(root, s)) for s in SPLITS}
+    if not counts["train"] or not counts["test"]:
+        raise WorldError(f"rendering produced too few clips {counts}; raise data.pieces")
+    return {"root": str(root), "counts": counts, "source": "music21 corpus rendered offline",
+            "stats": {k: v for k, v in stats.items() if k not in ("caption_words", "failure_list")}}
 
 
-def get_preset(name: str) -> WorldPreset:
-    """The preset called ``name`` (raises ``WorldError`` listing the valid names)."""
-    if name not in PRESETS:
-        raise bad_value(WorldError, "preset", name, f"one of {sorted(PRESETS)}{close_matches(name, PRESETS)}")
-    return PRESETS[name]
+def split_audio(root: str | Path, split: str, sample_rate: int, limit: int | None = None) -> tuple[torch.Tensor, list]:
+    """Audio ``[clips, samples]`` and the clips of a rendered split (equal-length clips)."""
+    from musicgen.data.audiofolder import load_audio, read_split
+
+    clips = read_split(root, split)[:limit]
+    return torch.tensor(np.stack([load_audio(c.path, sample_rate) for c in clips])), clips
 
 
-def world_paths(out: str | Path) -> dict[str, Path]:
-    """Where each product of a world run lives."""
-    out = Path(out)
-    return {
-        "data": out / "render" / "data",
-        "codec": out / "codec" / "model",
-        "text": out / "text" / "model",
-        "tokens_train": out / "tokens" / "train.safetensors",
-        "tokens_valid": out / "tokens" / "valid.safetensors",
-        "tokens_test": out / "tokens" / "test.safetensors",
-        "teacher": out / "teacher" / "model",
-        "student": out / "student" / "model",
-        "summary": out / "summary.json",
-    }
+def codec_stage(cfg: CodecConfig, seed: int, ctx: Context) -> dict:
+    """Train the codec (``CodecObjective``), save it, and measure it on held-out test clips."""
+    from musicgen.eval.codec import evaluate_codec, spectrogram_figure
+    from musicgen.files import write_wav
+    from musicgen.models.codec import build_codec, decode
+    from musicgen.train.loop import train
+    from musicgen.train.objectives import CodecObjective
+    from musicgen.data.tokens import encode_clips
 
-
-# ---------------------------------------------------------------------------------------------- helpers
-def _key(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def _write_json(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True))
-    os.replace(tmp, path)
-
-
-def _cpu_seconds(resource) -> float:
-    """CPU time of this process and its finished children (user + system): robust to machine load."""
-    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
-
-
-def _read_json(path: Path):
-    return json.loads(path.read_text()) if path.exists() else None
-
-
-def _load_split_audio(root: Path, split: str, sample_rate: int, limit: int | None = None):
-    import numpy as np
-    import torch
-
-    from musicgen.audiofolder import load_audio, read_split
-
-    clips = read_split(root, split)
-    if limit is not None:
-        clips = clips[:limit]
-    if not clips:
-        raise WorldError(f"split {split!r} of {root} is empty; render more pieces (preset render.pieces)")
-    audio = torch.tensor(np.stack([load_audio(c.path, sample_rate) for c in clips]))
-    return audio, [c.text for c in clips]
-
-
-# ---------------------------------------------------------------------------------------------- stages
-def _stage_render(p: WorldPreset, out: Path, d: Path) -> dict:
-    from musicgen.data import render_dataset
-
-    cfg = replace(p.render, seed=p.seed, sample_rate=p.codec.sample_rate)
-    tmp = d / "data.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    stats = render_dataset(cfg, tmp)
-    shutil.rmtree(d / "data", ignore_errors=True)
-    os.replace(tmp, d / "data")
-    return {k: v for k, v in stats.items() if k not in ("caption_words", "failure_list")}
-
-
-def _stage_codec(p: WorldPreset, out: Path, d: Path) -> dict:
-    import numpy as np
-
-    from musicgen.codec import decode, encode, evaluate_codec, spectrogram_figure, train_codec
-
-    data = world_paths(out)["data"]
-    cfg = replace(p.codec, seed=p.seed)
-    audio, _ = _load_split_audio(data, "train", cfg.sample_rate)
-    model, log = train_codec(cfg, audio, d)
-    test, captions = _load_split_audio(data, "test", cfg.sample_rate, limit=p.eval_clips)
+    root = ctx.inputs["render"]["root"]
+    audio, _ = split_audio(root, "train", cfg.sample_rate)
+    model = build_codec(cfg, seed=seed)
+    objective = CodecObjective(cfg, audio, seed=seed)
+    summary = train(model, objective, cfg.train, ctx.folder / "run", progress=ctx.progress)
+    model.save_pretrained(ctx.folder / "model")
+    test, clips = split_audio(root, "test", cfg.sample_rate, limit=cfg.eval_clips)
     figures = evaluate_codec(model, test, sample_rate=cfg.sample_rate, codebook_size=cfg.codebook_size)
-    show = test[: min(3, len(test))]
-    recon = decode(model, encode(model, show))[:, : show.shape[1]]
-    spectrogram_figure(d / "spectrograms.png", show.numpy(), recon.numpy(), sample_rate=cfg.sample_rate, titles=captions)
-    import soundfile as sf
-
+    show = test[:3]
+    recon = decode(model, encode_clips(model, list(show.numpy()), sample_rate=cfg.sample_rate,
+                                       clip_seconds=show.shape[1] / cfg.sample_rate))[:, : show.shape[1]]
+    spectrogram_figure(ctx.folder / "spectrograms.png", show.numpy(), recon.numpy(), sample_rate=cfg.sample_rate,
+                       titles=[c.text for c in clips[:3]])
     for i in range(len(show)):
-        sf.write(str(d / f"test_{i}_original.wav"), show[i].numpy(), cfg.sample_rate)
-        sf.write(str(d / f"test_{i}_reconstruction.wav"), np.clip(recon[i].numpy(), -1, 1), cfg.sample_rate)
-    return {
-        "params": sum(t.numel() for t in model.parameters()),
-        "train_clips": len(audio),
-        "final_loss": log["curve"][-1]["loss"] if log["curve"] else None,
-        "restarts": log["restarts"],
-        "kmeans_residual": log["kmeans_residual"],
-        "held_out": figures,
-    }
+        write_wav(ctx.folder / f"test_{i}_original.wav", show[i].numpy(), cfg.sample_rate)
+        write_wav(ctx.folder / f"test_{i}_reconstruction.wav", recon[i].numpy(), cfg.sample_rate)
+    return {"model": str(ctx.folder / "model"), "params": sum(t.numel() for t in model.parameters()),
+            "restarts": objective.restarts, "kmeans_residual": getattr(objective, "kmeans_residual", None),
+            "train": summary, "held_out": figures}
 
 
-def _stage_text(p: WorldPreset, out: Path, d: Path) -> dict:
-    from musicgen.audiofolder import read_split
-    from musicgen.text import build_text_encoder
+def text_stage(w: WorldConfig, seed: int, ctx: Context) -> dict:
+    """Train the caption tokenizer, pretrain then freeze the T5 encoder; save both."""
+    from musicgen.data.audiofolder import read_split
+    from musicgen.models.text import build_text_encoder, train_tokenizer
+    from musicgen.train.loop import train
+    from musicgen.train.objectives import MaskedTextModel, MaskedWordObjective
 
-    captions = [c.text for c in read_split(world_paths(out)["data"], "train")]
-    return build_text_encoder(replace(p.text, seed=p.seed), captions, d / "model")
+    cfg = w.text
+    captions = [c.text for c in read_split(ctx.inputs["render"]["root"], "train")]
+    tok = train_tokenizer(captions, max_length=cfg.max_length)
+    batch = tok(sorted(set(captions)), padding=True, truncation=True, return_tensors="pt")
+    model = MaskedTextModel(build_text_encoder(cfg, len(tok), seed=seed), len(tok))
+    summary = train(model, MaskedWordObjective(cfg, batch["input_ids"], batch["attention_mask"]), cfg.train,
+                    ctx.folder / "run", progress=ctx.progress)
+    folder = ctx.folder / "model"
+    model.encoder.eval().requires_grad_(False).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return {"model": str(folder), "vocab_size": len(tok), "distinct_captions": int(len(batch["input_ids"])),
+            "params": sum(p.numel() for p in model.encoder.parameters()), "train": summary}
 
 
-def _stage_tokens(p: WorldPreset, out: Path, d: Path) -> dict:
-    from transformers import EncodecModel
+def tokens_stage(codec_dir: str, data: dict, ctx: Context, *, clip_seconds: float, max_clips: int | None = None,
+                 text_column: str = "text", max_bad_fraction: float = 0.0) -> dict:
+    """Codes of every split with the codec in ``codec_dir`` (a codec or MusicGen folder)."""
+    from transformers import AutoConfig, EncodecModel, MusicgenForConditionalGeneration
 
-    from musicgen.lm import make_token_dataset, unigram_nll
-    from musicgen.text import load_text
+    from musicgen.data.audiofolder import Skipped, check_bad_share, load_clips, read_split
+    from musicgen.data.tokens import TokenDataset, encode_clips
+    from musicgen.eval.heldout import unigram_nll
 
-    paths = world_paths(out)
-    codec = EncodecModel.from_pretrained(str(paths["codec"])).eval()
-    tok, _ = load_text(paths["text"])
+    if AutoConfig.from_pretrained(codec_dir).model_type == "musicgen":
+        codec = MusicgenForConditionalGeneration.from_pretrained(codec_dir, use_safetensors=True).audio_encoder.eval()
+    else:
+        codec = EncodecModel.from_pretrained(codec_dir, use_safetensors=True).eval()
+    sr = codec.config.sampling_rate
+    paths, counts, skipped = {}, {}, {}
     sets = {}
-    from musicgen.audiofolder import read_split
-
-    for split in ("train", "valid", "test"):
-        if split == "valid" and not read_split(paths["data"], split):
-            continue  # a preset may render no validation pieces; train and test are required
-        audio, captions = _load_split_audio(paths["data"], split, p.codec.sample_rate)
-        sets[split] = make_token_dataset(codec, tok, audio, captions, max_length=p.text.max_length)
-        sets[split].save(d / f"{split}.safetensors")
-    return {
-        "clips": {s: len(v) for s, v in sets.items()},
-        "frames_per_clip": int(sets["train"].codes.shape[-1]),
-        "unigram_test": unigram_nll(sets["train"], sets["test"], vocab=p.codec.codebook_size),
-    }
-
-
-def _train_lm_stage(p: WorldPreset, out: Path, d: Path, dec: DecoderConfig, train: TrainConfig, name: str) -> dict:
-    from musicgen.lm import TokenDataset, build_musicgen, evaluate_nll, generate_clips, param_count, train_loop
-    from musicgen.text import load_text
-
-    paths = world_paths(out)
-    model = build_musicgen(paths["text"], paths["codec"], dec, seed=p.seed)
-    data = TokenDataset.load(paths["tokens_train"])
-    log = train_loop(model, data, replace(train, seed=p.seed), d, desc=name)
-    test = TokenDataset.load(paths["tokens_test"])
-    nll = evaluate_nll(model, test)
-    tok, _ = load_text(paths["text"])
-    model.save_pretrained(d / "model")
-    tok.save_pretrained(d / "model")
-    samples = generate_clips(model, tok, test.captions[:: max(1, len(test) // max(1, p.generate))][: p.generate],
-                             d / "samples", seconds=p.generate_seconds, seed=p.seed)
-    return {
-        "decoder_params": param_count(model),
-        "steps": log["steps_done"],
-        "train_seconds": log["seconds"],
-        "final_train_loss": log["curve"][-1]["loss"] if log["curve"] else None,
-        "curve": log["curve"],
-        "test_nll": nll,
-        "samples": samples,
-    }
+    for split in SPLITS:
+        bad = Skipped()
+        clips = read_split(data["root"], split, text_column=text_column, skipped=bad)
+        clips = clips if split == "train" or max_clips is None else clips[:max_clips]
+        clips, audio = load_clips(clips, sr, bad)
+        check_bad_share(split, len(clips), bad, max_bad_fraction)
+        skipped[split] = bad.summary()
+        if not clips:
+            continue
+        codes = encode_clips(codec, audio, sample_rate=sr, clip_seconds=clip_seconds, progress=ctx.progress,
+                             desc=f"encode {split}")
+        sets[split] = TokenDataset(codes, [c.text for c in clips])
+        paths[split] = str(sets[split].save(ctx.folder / f"{split}.safetensors"))
+        counts[split] = len(clips)
+    if "train" not in sets or "test" not in sets:
+        raise WorldError(f"the dataset at {data['root']} needs clips in train and test (got {counts})")
+    return {"paths": paths, "counts": counts, "skipped": skipped, "sample_rate": sr,
+            "frames": int(sets["train"].codes.shape[-1]),
+            "unigram_test": unigram_nll(sets["train"], sets["test"], vocab=codec.config.codebook_size)}
 
 
-def _stage_teacher(p: WorldPreset, out: Path, d: Path) -> dict:
-    return _train_lm_stage(p, out, d, p.teacher, p.teacher_train, "teacher")
+def lm_stage(cfg: LMConfig, w: WorldConfig, seed: int, ctx: Context, *, name: str) -> dict:
+    """Train a MusicGen decoder from scratch with cross-entropy; held-out figures and a few samples."""
+    from musicgen.data.tokens import TokenDataset
+    from musicgen.eval.generate import generate, save_clips
+    from musicgen.eval.heldout import heldout
+    from musicgen.models.musicgen import build_musicgen, decoder_params, load_tokenizer
+    from musicgen.train.loop import train
+    from musicgen.train.objectives import LMObjective
+
+    text_dir, tokens = ctx.inputs["text"]["model"], ctx.inputs["tokens"]
+    model = build_musicgen(text_dir, ctx.inputs["codec"]["model"], cfg.decoder, seed=seed)
+    tok = load_tokenizer(text_dir)
+    objective = LMObjective(TokenDataset.load(tokens["paths"]["train"]), tok, cfg_dropout=cfg.cfg_dropout, name=name)
+    summary = train(model, objective, cfg.train, ctx.folder / "run", progress=ctx.progress)
+    folder = ctx.folder / "model"
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    test = TokenDataset.load(tokens["paths"]["test"])
+    figures = {split: heldout(model, tok, TokenDataset.load(tokens["paths"][split]))
+               for split in ("valid", "test") if split in tokens["paths"]}
+    prompts = test.captions[:: max(1, len(test) // max(1, w.samples))][: w.samples]
+    audio = generate(model, tok, prompts, seconds=w.sample_seconds, seed=seed)
+    files = save_clips(ctx.folder / "samples", audio, model.config.audio_encoder.sampling_rate)
+    return {"model": str(folder), "decoder_params": decoder_params(model), "train": summary, "held_out": figures,
+            "curve": str(ctx.folder / "run" / "curve.jsonl"),
+            "samples": [{"file": str(f), "text": t} for f, t in zip(files, prompts)]}
 
 
-def _stage_student(p: WorldPreset, out: Path, d: Path) -> dict:
-    return _train_lm_stage(p, out, d, p.student, p.student_train, "student")
+def build_world(p: Preset, pipe: Pipeline) -> dict[str, dict]:
+    """Run (or reuse) the world's stages in ``pipe``; return their results by name."""
+    w = p.world
+    if w is None:
+        raise WorldError(f"preset {p.name!r} has no world recipe")
+    pipe.run("render", {"data": p.data, "seed": p.seed}, lambda c: render_stage(p, c))
+    pipe.run("codec", {"codec": w.codec, "seed": p.seed}, lambda c: codec_stage(w.codec, p.seed, c), inputs=("render",))
+    pipe.run("text", {"text": w.text, "seed": p.seed}, lambda c: text_stage(w, p.seed, c), inputs=("render",))
+    pipe.run("tokens", {"clip_seconds": p.data.clip_seconds},
+             lambda c: tokens_stage(c.inputs["codec"]["model"], c.inputs["render"], c, clip_seconds=p.data.clip_seconds),
+             inputs=("render", "codec"))
+    for name, cfg in (("teacher", w.teacher), ("student_base", w.student)):
+        pipe.run(name, {"lm": cfg, "seed": p.seed, "samples": [w.samples, w.sample_seconds]},
+                 lambda c, cfg=cfg, name=name: lm_stage(cfg, w, p.seed, c, name=name), inputs=("text", "codec", "tokens"))
+    return {n: pipe.results[n] for n in ("render", "codec", "text", "tokens", "teacher", "student_base")}
 
 
-_RUNNERS = {
-    "render": (_stage_render, lambda p: {"render": p.render.to_json(), "sr": p.codec.sample_rate, "seed": p.seed}, ()),
-    "codec": (_stage_codec, lambda p: {"codec": p.codec.to_json(), "eval": p.eval_clips, "seed": p.seed}, ("render",)),
-    "text": (_stage_text, lambda p: {"text": p.text.to_json(), "seed": p.seed}, ("render",)),
-    "tokens": (_stage_tokens, lambda p: {"max_length": p.text.max_length}, ("render", "codec", "text")),
-    "teacher": (_stage_teacher, lambda p: {"dec": p.teacher.to_json(), "train": p.teacher_train.to_json(), "seed": p.seed,
-                                           "gen": [p.generate, p.generate_seconds]}, ("tokens",)),
-    "student": (_stage_student, lambda p: {"dec": p.student.to_json(), "train": p.student_train.to_json(), "seed": p.seed,
-                                           "gen": [p.generate, p.generate_seconds]}, ("tokens",)),
-}
+# --------------------------------------------------------------------------------------------- hub
 
 
-def _without_threads(obj):
-    """``obj`` with every ``threads`` entry removed: thread counts change speed, not what is learned."""
-    if isinstance(obj, dict):
-        return {k: _without_threads(v) for k, v in obj.items() if k != "threads"}
-    if isinstance(obj, list):
-        return [_without_threads(v) for v in obj]
-    return obj
+def recipe_digest(p: Preset) -> str:
+    """What decides the world's products: the render recipe, the world recipe and the seed."""
+    return digest({"data": key_of(p.data), "world": key_of(p.world), "seed": p.seed})
 
 
-def stage_keys(p: WorldPreset) -> dict[str, str]:
-    """Cache key of every stage: hash of its config (thread counts aside) and of the keys of its inputs."""
-    keys: dict[str, str] = {}
-    for stage in STAGES:
-        _, cfg, deps = _RUNNERS[stage]
-        config = _without_threads(cfg(p))
-        keys[stage] = _key({"stage": stage, "config": config, "inputs": {dep: keys[dep] for dep in deps}})
-    return keys
+def hub_folder(p: Preset) -> Path:
+    """Where preset ``p``'s shipped world lives."""
+    return HUB / (p.hub or p.name)
 
 
-def run_world(
-    preset: WorldPreset | str,
-    out: str | Path,
-    *,
-    rebuild: bool = False,
-    stages: tuple[str, ...] = STAGES,
-    progress: bool = True,
-) -> dict:
-    """Run (or reuse) the stages and return the summary written to ``OUT/summary.json``.
+def verify_hub(p: Preset) -> dict:
+    """The shipped products' folders, after checking every file's SHA-256 and the recipe they were built with."""
+    folder = hub_folder(p)
+    card_path = folder / "card.json"
+    if not card_path.is_file():
+        raise WorldError(f"no shipped world at {folder}; build one with `python examples/musicgen/world.py --preset "
+                         f"{p.name} --out runs/world --publish`, or run reproduce.py with --from-scratch")
+    card = read_json(card_path)
+    if card["recipe_digest"] != recipe_digest(p):
+        raise WorldError(f"the world shipped in {folder} was built with another recipe (digest {card['recipe_digest']}, "
+                         f"preset {recipe_digest(p)}); rebuild it with world.py --publish, or run with --from-scratch")
+    for rel, want in card["sha256"].items():
+        path = folder / rel
+        if not path.is_file() or sha256(path) != want:
+            raise WorldError(f"{path} is missing or does not match its SHA-256 in {card_path}; restore it with "
+                             "`git checkout -- examples/musicgen/hub`")
+    return {"folders": {n: str(folder / n) for n in PRODUCTS}, "card": card}
 
-    Args:
-        preset: a ``WorldPreset`` or the name of one in ``PRESETS``.
-        out: output folder.
-        rebuild: rerun every requested stage even when its cache key matches.
-        stages: the stages to run, in pipeline order; a stage's inputs must already be built.
+
+def publish(p: Preset, results: dict[str, dict], *, command: str, fp16: bool = True) -> Path:
+    """Write the world's products into the hub folder with a model card each and ``card.json``.
+
+    ``fp16``: store floating weights in fp16 (halves the files; the loaders cast back to fp32).
     """
-    p = get_preset(preset) if isinstance(preset, str) else preset
-    for s in stages:
-        if s not in STAGES:
-            raise bad_value(WorldError, "stages", s, f"stages from {list(STAGES)}{close_matches(s, STAGES)}")
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    keys = stage_keys(p)
-    import resource
+    from safetensors.torch import load_file, save_file
 
-    import torch
-
-    torch.set_num_threads(p.threads)
-    summary = _read_json(out / "summary.json") or {}
-    summary.update({"preset": p.name, "config": p.to_json()})
-    summary.setdefault("stages", {})
-    for stage in STAGES:
-        if stage not in stages:
-            continue
-        d = out / stage
-        manifest = _read_json(d / "manifest.json")
-        if manifest and manifest.get("key") == keys[stage] and not rebuild:
-            summary["stages"][stage] = {**manifest["figures"], "wall_seconds": manifest["wall_seconds"], "cached": True,
-                                        "load": manifest.get("load")}
-            continue
-        for dep in _RUNNERS[stage][2]:
-            dm = _read_json(out / dep / "manifest.json")
-            if not dm or dm.get("key") != keys[dep]:
-                raise WorldError(f"stage {stage!r} needs stage {dep!r} built with the same preset first; "
-                                 f"run with stages including {dep!r}")
-        started = _read_json(d / "started.json")
-        if rebuild or manifest or not started or started.get("key") != keys[stage]:
-            shutil.rmtree(d, ignore_errors=True)  # stale or forced: start clean
-        d.mkdir(parents=True, exist_ok=True)
-        _write_json(d / "started.json", {"key": keys[stage]})
-        load0 = os.getloadavg()
-        t0, cpu0 = time.time(), _cpu_seconds(resource)
-        figures = _RUNNERS[stage][0](p, out, d)
-        wall = round(time.time() - t0, 1)
-        figures["cpu_seconds"] = round(_cpu_seconds(resource) - cpu0, 1)
-        load = [round(v, 2) for v in os.getloadavg()]
-        _write_json(d / "manifest.json", {"key": keys[stage], "figures": figures, "wall_seconds": wall,
-                                          "load": {"start": [round(v, 2) for v in load0], "end": load}})
-        summary["stages"][stage] = {**figures, "wall_seconds": wall, "cached": False,
-                                    "load": {"start": [round(v, 2) for v in load0], "end": load}}
-        _write_json(out / "summary.json", summary)
-        if progress:
-            print(f"[world] {stage}: {wall:.1f} s (load {load[0]:.2f})", flush=True)
-    summary["total_wall_seconds"] = round(sum(s.get("wall_seconds", 0) for s in summary["stages"].values()), 1)
-    _write_json(out / "summary.json", summary)
-    return summary
+    folder = hub_folder(p)
+    stage = folder.with_name(f".{folder.name}.publishing")
+    shutil.rmtree(stage, ignore_errors=True)
+    sources = {"codec": results["codec"]["model"], "text": results["text"]["model"],
+               "teacher": results["teacher"]["model"], "student_base": results["student_base"]["model"]}
+    for name, src in sources.items():
+        shutil.copytree(src, stage / name)
+        if fp16:
+            weights = stage / name / "model.safetensors"
+            tensors = {k: (v.half() if v.is_floating_point() else v) for k, v in load_file(str(weights)).items()}
+            save_file(tensors, str(weights), metadata={"format": "pt"})
+    figures = {"codec": results["codec"]["held_out"], "tokens": {"unigram_test": results["tokens"]["unigram_test"]},
+               **{n: {"held_out": results[n]["held_out"], "decoder_params": results[n]["decoder_params"]}
+                  for n in ("teacher", "student_base")}}
+    card = {"preset": p.name, "seed": p.seed, "recipe_digest": recipe_digest(p), "command": command,
+            "recipe": {"data": p.data.to_dict(), "world": p.world.to_dict()}, "figures": figures,
+            "fp16_storage": fp16, "created": time.strftime("%Y-%m-%d", time.gmtime()),
+            "sha256": {str(f.relative_to(stage)): sha256(f) for f in sorted(stage.rglob("*")) if f.is_file()}}
+    for name in PRODUCTS:
+        (stage / name / "README.md").write_text(model_card(name, card))
+    card["sha256"].update({f"{n}/README.md": sha256(stage / n / "README.md") for n in PRODUCTS})
+    write_json(stage / "card.json", card)
+    if folder.exists():
+        if not (folder / "card.json").is_file():
+            raise WorldError(f"{folder} exists but holds no card.json: not a hub folder this script wrote; move it away")
+        shutil.rmtree(folder)
+    stage.rename(folder)
+    return folder
 
 
-def summary_markdown(summary: dict) -> str:
-    """Markdown tables of a world summary: data, codec, NLL and time per stage (used by the docs)."""
-    st = summary["stages"]
-    lines = []
-    if "render" in st:
-        r = st["render"]
-        lines += ["| data | value |", "| --- | --- |"]
-        lines += [f"| pieces rendered / selected / failed | {r['pieces_rendered']} / {r['pieces_selected']} / {r['failures']} |",
-                  f"| clips, minutes | {r['clips']}, {r['minutes']} |"]
-        for split, v in r["splits"].items():
-            lines.append(f"| {split}: pieces, clips, minutes | {v['pieces']}, {v['clips']}, {v['minutes']} |")
-        lines += [f"| caption vocabulary, distinct captions | {r['caption_vocabulary']}, {r['distinct_captions']} |",
-                  f"| instruments | {', '.join(f'{k} {v}' for k, v in r['instruments'].items())} |",
-                  f"| tempo words | {', '.join(f'{k} {v}' for k, v in r['tempo_words'].items())} |", ""]
-    if "codec" in st:
-        c, h = st["codec"], st["codec"]["held_out"]
-        lines += ["| codec (held-out test clips) | value |", "| --- | --- |",
-                  f"| parameters | {c['params'] / 1e6:.2f} M |",
-                  f"| clips evaluated | {h['clips']} |",
-                  f"| log-mel L1 (reconstruction; all-silence reference) | {h['log_mel_l1']} ({h['log_mel_l1_silence']}) |",
-                  f"| chroma correlation (with a different clip: chance) | {h['chroma_corr']} ({h['chroma_corr_shuffled']}) |",
-                  f"| perplexity per codebook (of {summary['config']['codec']['codebook_size']}) | {h['perplexity']} |",
-                  f"| codes used per codebook | {h['usage']} |",
-                  f"| dead-code restarts during training | {c['restarts']} |", ""]
-    if "tokens" in st and ("teacher" in st or "student" in st):
-        u = st["tokens"]["unigram_test"]
-        lines += ["| model | decoder params | steps | test NLL all | first codebook | per codebook |",
-                  "| --- | --- | --- | --- | --- | --- |",
-                  f"| unigram baseline | - | - | {u['nll']} | {u['nll_first']} | {u['nll_per_codebook']} |"]
-        for name in ("teacher", "student"):
-            if name in st:
-                m, n = st[name], st[name]["test_nll"]
-                lines.append(f"| {name} | {m['decoder_params'] / 1e6:.2f} M | {m['steps']} | {n['nll']} | {n['nll_first']} | "
-                             f"{n['nll_per_codebook']} |")
-        lines.append("")
-    lines += ["| stage | wall s | CPU s | load (1 min) start -> end | cached |", "| --- | --- | --- | --- | --- |"]
-    for name in STAGES:
-        if name in st:
-            s = st[name]
-            load = s.get("load") or {}
-            lo = f"{load['start'][0]} -> {load['end'][0]}" if load else "-"
-            lines.append(f"| {name} | {s['wall_seconds']} | {s.get('cpu_seconds', '-')} | {lo} | {s['cached']} |")
-    lines.append(f"| total | {summary.get('total_wall_seconds')} | | | |")
+def model_card(name: str, card: dict) -> str:
+    """A short README for one shipped model folder."""
+    figs = card["figures"]
+    lines = [f"# mini world: {name}", "", f"Built by `{card['command']}` (preset `{card['preset']}`, seed {card['seed']}, "
+             f"recipe digest `{card['recipe_digest']}`, {card['created']}). Weights stored in "
+             f"{'fp16' if card['fp16_storage'] else 'fp32'}; load with `from_pretrained(folder)`.", ""]
+    if name == "codec":
+        lines += ["Held-out test clips:", "", "```json", json.dumps(figs["codec"], indent=1), "```"]
+    elif name in figs:
+        lines += ["Held-out NLL (nats per token):", "", "```json", json.dumps(figs[name], indent=1), "```"]
+    lines += ["", "The recipe (musicgen.config) and the SHA-256 of every file are in ../card.json."]
     return "\n".join(lines) + "\n"
 
 
+# ----------------------------------------------------------------------------------------- command
+
+
 @flush_denormals
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description="Build the mini world: render, codec, text, tokens, teacher, student.")
-    ap.add_argument("--preset", default="mini", help=f"one of {sorted(PRESETS)}")
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--rebuild", action="store_true", help="rerun every stage even when cached")
-    ap.add_argument("--stages", default=",".join(STAGES), help="comma-separated subset, in pipeline order")
-    ap.add_argument("--markdown", action="store_true", help="print OUT/summary.json as markdown tables and exit")
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description="Build the mini world (render, codec, text, tokens, teacher, student_base).")
+    ap.add_argument("--preset", default="mini", help="smoke or mini")
+    ap.add_argument("--out", required=True, help="output folder (resumable)")
+    ap.add_argument("--force", nargs="*", default=[], help="stages to redo (and what depends on them)")
+    ap.add_argument("--publish", action="store_true", help="write the products into examples/musicgen/hub/<preset>")
+    ap.add_argument("--no-progress", action="store_true")
     a = ap.parse_args(argv)
-    if a.markdown:  # report only: never runs (or invalidates) a stage
-        summary = _read_json(world_paths(a.out)["summary"])
-        if summary is None:
-            raise WorldError(f"--out {a.out!r} has no summary.json yet; run the preset first")
-        print(summary_markdown(summary))
-        return
-    summary = run_world(a.preset, a.out, rebuild=a.rebuild, stages=tuple(s for s in a.stages.split(",") if s))
-    brief = {s: {k: v for k, v in f.items() if k not in ("curve", "samples")} for s, f in summary["stages"].items()}
-    print(json.dumps({"preset": summary["preset"], "total_wall_seconds": summary["total_wall_seconds"], "stages": brief}, indent=1))
+    p = preset(a.preset)
+    if p.threads:
+        torch.set_num_threads(p.threads)
+    pipe = Pipeline(Path(a.out), force=set(a.force), progress=not a.no_progress)
+    results = build_world(p, pipe)
+    write_json(Path(a.out) / "world.json", {"preset": p.name, "stages": pipe.stages, "results": results})
+    if a.publish:
+        command = "python examples/musicgen/world.py " + " ".join(shlex.quote(x) for x in (argv or sys.argv[1:]))
+        print(f"published {publish(p, results, command=command)}")
+    print(json.dumps({"stages": pipe.stages}, indent=1))
+    return results
 
 
 if __name__ == "__main__":

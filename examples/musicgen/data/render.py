@@ -12,37 +12,36 @@ evaluation only. Everything is a deterministic function of the config (the seed 
 draws from its own generator keyed by ``(seed, piece)``, so the result does not depend on worker
 scheduling. Pieces that fail to parse or render are skipped and counted in the stats, never fatal.
 
-Output (the audiofolder convention read by ``musicgen.audiofolder.read_split``)::
+Each clip's metadata also holds the score's notes that sound in it (``notes``: ``[onset_s, offset_s,
+MIDI pitch]`` relative to the clip's start, after transposition), so that what a codec or a
+generator does to pitch can be checked against the score.
+
+Output (the audiofolder convention read by ``musicgen.data.audiofolder.read_split``)::
 
     OUT/{train,valid,test}/metadata.jsonl, OUT/<split>/*.wav, OUT/stats.json
 
-Command line::
-
-    python examples/musicgen/data.py --out runs/data --pieces bach=40,folk=20 --workers 2
+The recipe is ``musicgen.config.RenderConfig``; ``render_dataset(cfg, out, seed=...)`` runs it.
 """
 
 from __future__ import annotations
 
-import argparse
 import io
-import json
-import os
 import re
-import sys
-import tempfile
 import time
 import zlib
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from kdq.errors import KdqError
+from musicgen.data.audiofolder import write_metadata
+from musicgen.files import write_json, write_wav
 
-from kdq.errors import KdqError, bad_value, close_matches  # noqa: E402
-from musicgen.audiofolder import write_metadata  # noqa: E402
+if TYPE_CHECKING:
+    from musicgen.config import RenderConfig
 
 SPLITS = ("train", "valid", "test")
 
@@ -92,62 +91,6 @@ FOLK_FORMS = ("reel", "jig", "hornpipe", "strathspey", "march", "waltz", "polka"
 
 
 @dataclass(frozen=True)
-class RenderConfig:
-    """What to render. Plain data: it round-trips through JSON and its hash keys the stage cache.
-
-    Attributes:
-        pieces: pieces to take from each source in ``SOURCES`` (a seeded choice of that many).
-        sample_rate: output rate in Hz (render straight at the codec's rate).
-        clip_seconds: length of each clip.
-        clips_per_render: at most this many non-overlapping clips per render.
-        renders_per_piece: renders with different instrument, tempo and transposition per piece.
-        max_render_seconds: the MIDI is cut to this length (after the tempo change) before rendering.
-        bpm_range: effective tempo drawn uniformly in this range (quarter notes per minute).
-        transpose_range: semitone shift drawn uniformly in ``[-t, t]``.
-        fractions: (valid, test) fractions of pieces; the rest is train.
-        seed: everything random derives from it.
-        workers: processes (the rendered data does not depend on it).
-    """
-
-    pieces: dict = field(default_factory=lambda: {"bach": 8, "folk": 4})
-    sample_rate: int = 8000
-    clip_seconds: float = 4.0
-    clips_per_render: int = 3
-    renders_per_piece: int = 2
-    max_render_seconds: float = 30.0
-    bpm_range: tuple = (56.0, 150.0)
-    transpose_range: int = 4
-    fractions: tuple = (0.1, 0.1)
-    seed: int = 0
-    workers: int = 2
-
-    def validate(self) -> None:
-        """Raise ``RenderError`` naming the field for a config that cannot work."""
-        for name in self.pieces:
-            if name not in SOURCES:
-                raise bad_value(
-                    RenderError, "pieces", name, f"one of {sorted(SOURCES)}{close_matches(name, SOURCES)}",
-                    "use a source name from musicgen.data.SOURCES",
-                )
-        valid, test = self.fractions
-        if not (0 <= valid < 1 and 0 <= test < 1 and valid + test < 1):
-            raise RenderError(
-                f"fractions={self.fractions!r}: (valid, test) must be in [0, 1) with a sum below 1, "
-                "e.g. (0.1, 0.1)"
-            )
-        if self.clip_seconds <= 0 or self.clips_per_render < 1 or self.renders_per_piece < 1:
-            raise RenderError(
-                f"clip_seconds={self.clip_seconds}, clips_per_render={self.clips_per_render}, "
-                f"renders_per_piece={self.renders_per_piece}: all must be positive"
-            )
-        if not isinstance(self.workers, int) or self.workers < 1:
-            raise bad_value(RenderError, "workers", self.workers, "an integer >= 1 (processes that render)")
-
-    def to_json(self) -> dict:
-        return json.loads(json.dumps(asdict(self)))
-
-
-@dataclass(frozen=True)
 class Piece:
     """One corpus piece chosen for rendering."""
 
@@ -161,7 +104,7 @@ def _piece_rng(seed: int, key: str) -> np.random.Generator:
     return np.random.default_rng([seed, zlib.crc32(key.encode())])
 
 
-def select_pieces(cfg: RenderConfig) -> list[Piece]:
+def select_pieces(cfg: RenderConfig, *, seed: int) -> list[Piece]:
     """The seeded choice of pieces and their split, in a stable order.
 
     Each source's files are listed, sorted, shuffled with the seed, and the first ``n`` taken. The
@@ -171,14 +114,13 @@ def select_pieces(cfg: RenderConfig) -> list[Piece]:
     """
     from music21 import corpus
 
-    cfg.validate()
     out: list[Piece] = []
     for name, n in sorted(cfg.pieces.items()):
         src = SOURCES[name]
         paths = sorted(
             str(p) for p in corpus.getComposer(src.composer) if Path(str(p)).suffix.lower() in src.suffixes
         )
-        rng = np.random.default_rng([cfg.seed, zlib.crc32(name.encode())])
+        rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
         chosen = [paths[i] for i in rng.permutation(len(paths))[:n]]
         valid_f, test_f = cfg.fractions
         n_test = int(round(test_f * len(chosen)))
@@ -256,15 +198,6 @@ def _sf2_path() -> str:
     return str(path)
 
 
-def _save_wav(path: Path, audio: np.ndarray, sample_rate: int) -> None:
-    import soundfile as sf
-
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".", suffix=".wav")
-    os.close(fd)
-    sf.write(tmp, audio, sample_rate, subtype="PCM_16")
-    os.replace(tmp, path)
-
-
 def _normalise(clip: np.ndarray, *, target_rms: float = 0.1) -> np.ndarray:
     rms = float(np.sqrt(np.mean(clip**2)) + 1e-9)
     clip = clip * (target_rms / rms)
@@ -272,7 +205,7 @@ def _normalise(clip: np.ndarray, *, target_rms: float = 0.1) -> np.ndarray:
     return (clip / peak * 0.95 if peak > 0.95 else clip).astype(np.float32)
 
 
-def render_piece(piece: Piece, cfg: RenderConfig, out: Path) -> tuple[list[dict], dict | None]:
+def render_piece(piece: Piece, cfg: RenderConfig, out: Path, *, seed: int) -> tuple[list[dict], dict | None]:
     """Parse, analyse and render one piece; write its clips under ``out/<split>/``.
 
     Returns the metadata rows and ``None``, or no rows and a failure record ``{piece, stage, error}``.
@@ -281,7 +214,7 @@ def render_piece(piece: Piece, cfg: RenderConfig, out: Path) -> tuple[list[dict]
     from music21 import converter
     from music21.midi import translate
 
-    rng = _piece_rng(cfg.seed, piece.key)
+    rng = _piece_rng(seed, piece.key)
     stage = "parse"
     try:
         score = converter.parse(piece.path)
@@ -341,7 +274,7 @@ def render_piece(piece: Piece, cfg: RenderConfig, out: Path) -> tuple[list[dict]
             if len(clip) < clip_len or float(np.sqrt(np.mean(clip**2))) < 1e-3:
                 break
             name = f"{slug}_r{r}_c{c}.wav"
-            _save_wav(folder / name, _normalise(clip), cfg.sample_rate)
+            write_wav(folder / name, _normalise(clip), cfg.sample_rate)
             caption = make_caption(
                 rng=rng, style=style, tempo=_tempo_word(bpm), key=key_words, instrument=instrument, texture=texture
             )
@@ -364,6 +297,7 @@ def render_piece(piece: Piece, cfg: RenderConfig, out: Path) -> tuple[list[dict]
                     "render": r,
                     "clip": c,
                     "seconds": cfg.clip_seconds,
+                    "notes": _clip_notes(inst.notes, lo / cfg.sample_rate, cfg.clip_seconds),
                 }
             )
     if not rows:
@@ -371,13 +305,20 @@ def render_piece(piece: Piece, cfg: RenderConfig, out: Path) -> tuple[list[dict]
     return rows, None
 
 
+def _clip_notes(notes: list, start: float, seconds: float) -> list[list[float]]:
+    """``[onset, offset, pitch]`` of the notes sounding in ``[start, start + seconds)``, clip-relative."""
+    end = start + seconds
+    return [[round(max(n.start, start) - start, 3), round(min(n.end, end) - start, 3), int(n.pitch)]
+            for n in sorted(notes, key=lambda n: (n.start, n.pitch)) if n.start < end and n.end > start]
+
+
 def _work(args: tuple) -> tuple[list[dict], dict | None, str]:
-    piece, cfg, out = args
-    rows, failure = render_piece(piece, cfg, Path(out))
+    piece, cfg, out, seed = args
+    rows, failure = render_piece(piece, cfg, Path(out), seed=seed)
     return rows, failure, piece.split
 
 
-def render_dataset(cfg: RenderConfig, out: str | Path, *, progress: bool = True) -> dict:
+def render_dataset(cfg: RenderConfig, out: str | Path, *, seed: int, progress: bool = True) -> dict:
     """Render the whole dataset into ``out`` and return its stats (also written to ``out/stats.json``).
 
     ``out`` is written in place; callers that need atomicity render into a temporary folder and rename
@@ -385,14 +326,13 @@ def render_dataset(cfg: RenderConfig, out: str | Path, *, progress: bool = True)
     """
     from tqdm import tqdm
 
-    cfg.validate()
     _sf2_path()
     out = Path(out)
     for split in SPLITS:
         (out / split).mkdir(parents=True, exist_ok=True)
-    pieces = select_pieces(cfg)
+    pieces = select_pieces(cfg, seed=seed)
     t0 = time.time()
-    jobs = [(p, cfg, str(out)) for p in pieces]
+    jobs = [(p, cfg, str(out), seed) for p in pieces]
     rows: dict[str, list[dict]] = {s: [] for s in SPLITS}
     failures: list[dict] = []
     bar = tqdm(total=len(jobs), desc="render", unit="piece", disable=not progress)
@@ -412,7 +352,7 @@ def render_dataset(cfg: RenderConfig, out: str | Path, *, progress: bool = True)
     for split in SPLITS:
         write_metadata(out, split, rows[split])
     stats = dataset_stats(rows, failures, cfg=cfg, n_pieces=len(pieces), seconds=time.time() - t0)
-    _write_json(out / "stats.json", stats)
+    write_json(out / "stats.json", stats)
     return stats
 
 
@@ -445,46 +385,3 @@ def dataset_stats(rows: dict[str, list[dict]], failures: list[dict], *, cfg: Ren
         "render_seconds": round(seconds, 1),
         "sample_rate": cfg.sample_rate,
     }
-
-
-def _write_json(path: Path, obj: dict) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-    os.replace(tmp, path)
-
-
-def _parse_pieces(text: str) -> dict:
-    out = {}
-    for item in text.split(","):
-        name, _, n = item.partition("=")
-        if not n.isdigit():
-            raise RenderError(f"--pieces {text!r}: expected NAME=COUNT items separated by commas, e.g. bach=40,folk=20")
-        out[name.strip()] = int(n)
-    return out
-
-
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--out", required=True)
-    p.add_argument("--pieces", default="bach=8,folk=4", help="NAME=COUNT,... from " + ",".join(SOURCES))
-    p.add_argument("--sample-rate", type=int, default=8000)
-    p.add_argument("--clip-seconds", type=float, default=4.0)
-    p.add_argument("--renders", type=int, default=2)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--workers", type=int, default=2)
-    a = p.parse_args(argv)
-    cfg = RenderConfig(
-        pieces=_parse_pieces(a.pieces),
-        sample_rate=a.sample_rate,
-        clip_seconds=a.clip_seconds,
-        renders_per_piece=a.renders,
-        seed=a.seed,
-        workers=a.workers,
-    )
-    stats = render_dataset(cfg, a.out)
-    print(json.dumps({k: v for k, v in stats.items() if k not in ("caption_words", "failure_list")}, indent=2))
-
-
-if __name__ == "__main__":
-    main()

@@ -15,29 +15,17 @@ from pathlib import Path
 from typing import Any
 
 
-from kdq.export.atomic import save_onnx_atomic
 from kdq.errors import KdqError
+from kdq.export.atomic import save_onnx_atomic
 from kdq.export.precision import apply_plan_onnx, node_modules, planned_weight_bytes
+from kdq.quant.apply import check_rules_match
+from musicgen.bundle.parts import GRAPHS
 
-GRAPH_PART = {
-    "text_encoder": "text_encoder",
-    "decoder_model": "decoder_model_merged",
-    "decoder_with_past_model": "decoder_model_merged",
-    "encodec_decode": "encodec_decode",
-}
+
 class BundlePlanError(KdqError):
     """A graph's node scopes or variants do not fit the bundle layout (an export bug, not user input)."""
 
 
-# module the graph's node scopes are relative to (EnCodec is exported through its `decode` method)
-SCOPE_PREFIX = {"text_encoder": "", "decoder_model": "", "decoder_with_past_model": "", "encodec_decode": "audio_encoder"}
-# modules each graph may contain: a scope mapped outside these is an export bug, caught here
-EXPECTED_ROOTS = {
-    "text_encoder": ("text_encoder", ""),
-    "decoder_model": ("decoder", "enc_to_dec_proj", ""),
-    "decoder_with_past_model": ("decoder", "enc_to_dec_proj", ""),
-    "encodec_decode": ("audio_encoder", ""),
-}
 # bytes per weight element stored in each dtype (int4 packs two per byte; scales not counted)
 _BYTES_PER = {"fp32": 4.0, "fp16": 2.0, "bf16": 2.0, "int8": 1.0, "int4": 0.5}
 
@@ -60,19 +48,20 @@ def apply_bundle_plan(model, graphs: dict[str, Path], plan: Any, work: Path):
     import onnx
 
     module_names = [n for n, _ in model.named_modules()]
-    if hasattr(plan, "check_model"):
-        plan.check_model(model)
+    plan.check_model(model)
+    check_rules_match(model, plan)  # a rule that names no module is a typo: refused, as apply_plan does
     out_paths: dict[str, Path] = {}
     dtypes: dict[str, str] = {}
     parts: dict[str, Any] = {}
+    specs = {g.name: g for g in GRAPHS}
     for name, path in graphs.items():
-        part = GRAPH_PART[name]
+        spec = specs[name]
+        part, prefix = spec.part, spec.scope
         g = onnx.load(str(path))
-        prefix = SCOPE_PREFIX[name]
         found = set(node_modules(g, module_names, prefix=prefix).values())
-        stray = sorted(m for m in found if not any(m == r or m.startswith(r + ".") for r in EXPECTED_ROOTS[name] if r) and not (m == "" and "" in EXPECTED_ROOTS[name]))
+        stray = sorted(m for m in found if m and not any(m == r or m.startswith(r + ".") for r in spec.roots if r))
         if stray:
-            raise BundlePlanError(f"{name}: node scopes map to modules outside {EXPECTED_ROOTS[name]}: {stray[:5]}")
+            raise BundlePlanError(f"{name}: node scopes map to modules outside {spec.roots}: {stray[:5]}")
         planned = planned_weight_bytes(g, plan, module_names, prefix=prefix)
         variant = max(planned, key=lambda d: (planned[d], -_BYTES_PER[d])) if planned else "fp32"
         if part in dtypes and dtypes[part] != variant:

@@ -19,10 +19,9 @@ from typing import Sequence
 import numpy as np
 
 from kdq.errors import KdqError, bad_value
+from musicgen.bundle.parts import PARTS, SUFFIX, part_file, plan_dtype
 
-PARTS = ("text_encoder", "decoder_model_merged", "encodec_decode")
 MIN_FRAMES = 7  # EnCodec's first conv (kernel 7) pads by reflection; below 7 frames PyTorch pads differently
-SUFFIX = {"fp32": "", "fp16": "_fp16", "q8": "_quantized", "int8": "_quantized", "q4": "_q4", "int4": "_q4"}
 _NP = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64, "tensor(bool)": np.bool_}
 
 
@@ -144,9 +143,9 @@ class MusicgenOnnx:
         self.files: dict[str, Path] = {}
         self.sessions = {}
         for part in PARTS:
-            if self.dtypes[part] not in SUFFIX:
+            if plan_dtype(self.dtypes[part]) not in SUFFIX:
                 raise bad_value(BundleLoadError, f"dtype[{part}]", self.dtypes[part], f"one of {sorted(SUFFIX)}")
-            path = self.bundle / "onnx" / f"{part}{SUFFIX[self.dtypes[part]]}{ext}"
+            path = self.bundle / part_file(part, self.dtypes[part], ext)
             if not path.is_file():
                 raise bad_value(BundleLoadError, "bundle", str(bundle), f"must hold {path.relative_to(self.bundle)}",
                                 "re-export, or convert with --ort-format" if ort_format else "re-export the bundle")
@@ -299,16 +298,3 @@ class MusicgenOnnx:
         audio = self.decode_audio(codes)
         timings.add("encodec_decode", time.perf_counter() - t)
         return audio
-
-
-def write_wav(path: str | os.PathLike, audio: np.ndarray, sampling_rate: int) -> Path:
-    """Write mono/multichannel float audio (channels, samples) as 16-bit PCM WAV, atomically."""
-    import soundfile as sf
-
-    from kdq.export.atomic import atomic_path
-
-    data = np.clip(np.asarray(audio, dtype=np.float32), -1.0, 1.0)
-    data = data.T if data.ndim == 2 else data
-    with atomic_path(path) as tmp:
-        sf.write(str(tmp), data, sampling_rate, format="WAV", subtype="PCM_16")
-    return Path(path)

@@ -33,8 +33,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -45,9 +43,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from kdq._io import atomic_path, atomic_write_text
 from kdq.errors import KdqError, bad_value
 from kdq.metrics import retrieval_recall
-from musicgen.audiofolder import load_audio, read_split, resample
+from musicgen.data.audiofolder import load_audio, read_split, resample
+from musicgen.train.loop import Objective
 
 __all__ = [
     "AudioEmbedder",
@@ -486,13 +486,6 @@ def _words(text: str) -> list[str]:
     return "".join(ch if ch.isalnum() else " " for ch in text.lower()).split()
 
 
-def _save_atomic(folder: Path, name: str, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=".tmp")
-    os.close(fd)
-    write(tmp)
-    os.replace(tmp, folder / name)
-
-
 class ClapMiniEmbedder(AudioEmbedder):
     """``clap-mini``: the offline CLAP proxy (audio and text). Its result keys end in ``-proxy``."""
 
@@ -526,9 +519,10 @@ class ClapMiniEmbedder(AudioEmbedder):
         out = Path(folder)
         out.mkdir(parents=True, exist_ok=True)
         state = {k: v.contiguous() for k, v in self.model.state_dict().items()}
-        _save_atomic(out, "model.safetensors", lambda p: save_file(state, p))
+        with atomic_path(out / "model.safetensors") as tmp:
+            save_file(state, str(tmp))
         doc = {"model": "clap-mini (offline CLAP proxy)", "config": asdict(self.model.cfg), "info": self.info}
-        _save_atomic(out, "config.json", lambda p: Path(p).write_text(json.dumps(doc, indent=2)))
+        atomic_write_text(out / "config.json", json.dumps(doc, indent=2))
         return out
 
     @classmethod
@@ -610,12 +604,12 @@ def train_clap_mini(
 ) -> ClapMiniEmbedder:
     """Train ``clap-mini`` on ``root/train_split`` (held-in) and report retrieval on ``root/eval_split``.
 
-    Symmetric InfoNCE (CLIP) over random ``crop_s`` crops of the precomputed log-mels; clips sharing
-    a caption are positives of each other (soft targets), so repeated captions do not fight. If
-    ``out_dir`` holds a cache trained on the same data and settings it is loaded instead.
+    The example's training loop (``musicgen.train.loop``) with ``ClapObjective``; AdamW, cosine decay
+    of the learning rate. If ``out_dir`` holds a cache trained on the same data and settings it is
+    loaded instead (its training run is kept in ``out_dir/run``).
 
     Args:
-        root: audiofolder dataset root (``musicgen.audiofolder`` layout).
+        root: audiofolder dataset root (``musicgen.data.audiofolder`` layout).
         out_dir: cache folder (``model.safetensors`` + ``config.json``); None keeps it in memory.
         train_split: split to train on.
         eval_split: held-out split for retrieval recall (None to skip).
@@ -625,7 +619,7 @@ def train_clap_mini(
         weight_decay: AdamW weight decay.
         spec_augment: mask a random band of up to 8 mel bins and a random span of up to 10% of the
             frames in each training crop.
-        seed: torch and numpy seed.
+        seed: seeds the model's initialisation, the data order and the crops.
         max_seconds: wall-clock cap on training.
         config: model sizes; its vocabulary is replaced by the training captions' words.
         progress: show a tqdm bar.
@@ -643,8 +637,40 @@ def train_clap_mini(
         torch.set_num_threads(previous)
 
 
+class ClapObjective(Objective):
+    """clap-mini's loss for the training loop: symmetric InfoNCE (CLIP) over random ``crop_s`` crops of
+    the precomputed log-mels; clips sharing a caption are positives of each other (soft targets), so
+    repeated captions do not fight. A contrastive loss is over the whole batch: one micro-batch per step."""
+
+    name = "clap-mini"
+
+    def __init__(self, mels: list[torch.Tensor], ids: torch.Tensor, labels: torch.Tensor, *, crop: int,
+                 spec_augment: bool):
+        self.mels, self.ids, self.labels, self.crop, self.spec_augment = mels, ids, labels, crop, spec_augment
+
+    def __len__(self) -> int:
+        return len(self.mels)
+
+    def settings(self) -> dict:
+        return {"clips": len(self.mels), "crop": self.crop, "spec_augment": self.spec_augment}
+
+    def loss(self, model, indices: list[int], *, step: int, rngs: list, log: bool) -> tuple[torch.Tensor, dict]:
+        batch = torch.stack([_crop(self.mels[i], self.crop, g) for i, g in zip(indices, rngs)])
+        if self.spec_augment:
+            batch = torch.stack([_spec_augment(m, g) for m, g in zip(batch, rngs)])
+        a, t = model.embed_mel(batch), model.embed_tokens(self.ids[indices])
+        same = (self.labels[indices][:, None] == self.labels[indices][None, :]).float()
+        target = same / same.sum(dim=1, keepdim=True)
+        logits = model.logit_scale.exp().clamp(max=100) * a @ t.T
+        loss = 0.5 * (-(target * logits.log_softmax(dim=1)).sum(1).mean() - (target * logits.T.log_softmax(dim=1)).sum(1).mean())
+        return loss, {}
+
+
 def _train_clap_mini(root, out_dir, eval_split, settings, max_seconds, config, progress) -> ClapMiniEmbedder:
-    from tqdm import tqdm
+    import tempfile
+
+    from musicgen.config import TrainConfig
+    from musicgen.train.loop import train
 
     train_split, steps, batch_size, seed = settings["split"], settings["steps"], settings["batch_size"], settings["seed"]
     clips = read_split(root, train_split)
@@ -658,46 +684,26 @@ def _train_clap_mini(root, out_dir, eval_split, settings, max_seconds, config, p
     vocab = tuple(sorted({w for c in clips for w in _words(c.text)}))
     cfg = ClapMiniConfig(**{**asdict(base), "vocab": vocab})
     torch.manual_seed(seed)
-    rng = np.random.default_rng(seed)
     model = ClapMiniModel(cfg)
     with torch.no_grad():
         mels = [model.log_mel(torch.from_numpy(_padded(load_audio(c.path, cfg.sample_rate), cfg.n_fft))[None])[0] for c in clips]
     captions = [c.text for c in clips]
-    ids = _tokenize(vocab, captions)
     caption_id = {t: i for i, t in enumerate(sorted(set(captions)))}
-    labels = torch.tensor([caption_id[t] for t in captions])
-    crop = max(8, int(cfg.crop_s * cfg.sample_rate / cfg.hop_length))
-    opt = torch.optim.AdamW(model.parameters(), lr=settings["lr"], weight_decay=settings["weight_decay"])
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
-    model.train()
-    start, losses = time.perf_counter(), []
-    bar = tqdm(range(steps), desc="clap-mini (proxy) training", disable=not progress, leave=False)
-    for step in bar:
-        idx = rng.choice(len(clips), size=min(batch_size, len(clips)), replace=False)
-        batch = torch.stack([_crop(mels[i], crop, rng) for i in idx])
-        if settings["spec_augment"]:
-            batch = _spec_augment(batch, rng)
-        a = model.embed_mel(batch)
-        t = model.embed_tokens(ids[idx])
-        same = (labels[idx][:, None] == labels[idx][None, :]).float()
-        target = same / same.sum(dim=1, keepdim=True)
-        logits = model.logit_scale.exp().clamp(max=100) * a @ t.T
-        loss = 0.5 * (
-            -(target * logits.log_softmax(dim=1)).sum(1).mean() - (target * logits.T.log_softmax(dim=1)).sum(1).mean()
-        )
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        sched.step()
-        losses.append(loss.item())
-        if step % 20 == 0:
-            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
-        if max_seconds is not None and time.perf_counter() - start > max_seconds:
-            break
+    objective = ClapObjective(mels, _tokenize(vocab, captions), torch.tensor([caption_id[t] for t in captions]),
+                              crop=max(8, int(cfg.crop_s * cfg.sample_rate / cfg.hop_length)),
+                              spec_augment=settings["spec_augment"])
+    train_cfg = TrainConfig(steps=steps, micro_batch=min(batch_size, len(clips)), lr=settings["lr"], warmup_steps=0,
+                            weight_decay=settings["weight_decay"], betas=(0.9, 0.999), max_grad_norm=0.0, seed=seed,
+                            checkpoint_every=max(steps, 1))
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="clap-mini-") as tmp:
+        run = train(model, objective, train_cfg, Path(out_dir) / "run" if out_dir is not None else Path(tmp),
+                    progress=progress, max_seconds=max_seconds)
+    model.eval()
     info: dict[str, Any] = {
         "fingerprint": fp, "dataset": str(root), "train_split": train_split, "n_train_clips": len(clips),
-        "steps_done": len(losses), "train_seconds": round(time.perf_counter() - start, 2),
-        "final_loss": float(np.mean(losses[-20:])), **{k: v for k, v in settings.items() if k != "config"},
+        "steps_done": run["steps_done"], "train_seconds": round(time.perf_counter() - start, 2),
+        "final_loss": run["final_loss"], **{k: v for k, v in settings.items() if k != "config"},
     }
     embedder = ClapMiniEmbedder(model, info)
     if eval_split is not None:
@@ -715,22 +721,25 @@ def _padded(x: np.ndarray, n: int) -> np.ndarray:
     return np.pad(x, (0, n - len(x))) if len(x) < n else x
 
 
-def _spec_augment(batch: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
-    batch = batch.clone()
-    n_mels, frames = batch.shape[1], batch.shape[2]
-    for row in batch:
-        f = int(rng.integers(0, 9))
-        f0 = int(rng.integers(0, n_mels - f + 1))
-        row[f0 : f0 + f] = 0.0
-        t = int(rng.integers(0, frames // 10 + 1))
-        t0 = int(rng.integers(0, frames - t + 1))
-        row[:, t0 : t0 + t] = 0.0
-    return batch
+def _spec_augment(mel: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """Mask a random band of up to 8 mel bins and a random span of up to 10% of the frames."""
+    mel = mel.clone()
+    n_mels, frames = mel.shape
+
+    def draw(high: int) -> int:
+        return int(torch.randint(high, (1,), generator=g))
+
+    f = draw(9)
+    f0 = draw(n_mels - f + 1)
+    mel[f0 : f0 + f] = 0.0
+    t = draw(frames // 10 + 1)
+    t0 = draw(frames - t + 1)
+    mel[:, t0 : t0 + t] = 0.0
+    return mel
 
 
-def _crop(mel: torch.Tensor, frames: int, rng: np.random.Generator) -> torch.Tensor:
+def _crop(mel: torch.Tensor, frames: int, g: torch.Generator) -> torch.Tensor:
     if mel.shape[-1] < frames:
-        reps = -(-frames // mel.shape[-1])
-        mel = mel.repeat(1, reps)
-    start = int(rng.integers(0, mel.shape[-1] - frames + 1))
+        mel = mel.repeat(1, -(-frames // mel.shape[-1]))
+    start = int(torch.randint(mel.shape[-1] - frames + 1, (1,), generator=g))
     return mel[:, start : start + frames]

@@ -101,17 +101,13 @@ def build_tiny_musicgen(seed: int = 0, *, informative: bool = True, **sizes):
     """A tiny random ``MusicgenForConditionalGeneration`` in eval mode (see ``tiny_musicgen_config``)."""
     from transformers import MusicgenForConditionalGeneration
 
+    from musicgen.models.musicgen import set_generation_defaults
+
     torch.manual_seed(seed)
     model = MusicgenForConditionalGeneration(tiny_musicgen_config(**sizes)).eval()
     if informative:
         make_informative(model, seed=seed)
-    gc = model.generation_config
-    gc.decoder_start_token_id = model.config.decoder.bos_token_id
-    gc.pad_token_id = model.config.decoder.pad_token_id
-    gc.guidance_scale = 3.0
-    gc.do_sample = True
-    gc.top_k = 250
-    gc.max_length = 256
+    set_generation_defaults(model)
     return model
 
 

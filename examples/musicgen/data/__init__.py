@@ -1,0 +1,1 @@
+"""Data: audiofolder datasets, music rendered offline, codec tokens and the delay pattern."""
