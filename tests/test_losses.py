@@ -8,6 +8,7 @@ import shutil
 
 import pytest
 import torch
+import torch.nn.functional as F
 from _loss_helpers import TOL, assert_close, logits, random_mask
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -357,3 +358,153 @@ def test_prop_chunked_equals_unchunked(n, v, seed, T, a, rows_per_chunk):
 
 def test_tolerance_table_covers_every_dtype_used():
     assert set(TOL) == {torch.float64, torch.float32, torch.float16, torch.bfloat16}
+
+
+# --------------------------------------------------------------------------------------------
+# -inf logits (banned or padded vocabulary entries): 0 log 0 = 0
+# --------------------------------------------------------------------------------------------
+
+NEG_INF = float("-inf")
+#: A finite logit far enough below the rest that its probability is exactly 0 in float32 and
+#: float64: the divergences at -inf are the limit of their values at FAR, and so are the gradients.
+FAR = -1e4
+
+
+def _with(x: torch.Tensor, banned: torch.Tensor, value: float) -> torch.Tensor:
+    return x.detach().masked_fill(banned, value).requires_grad_()
+
+
+def test_teacher_neg_inf_is_kl_div_not_nan():
+    # the reproduction: forward_kl(s, t) with t[..., -2:] = -inf returned NaN (0 * inf)
+    s = logits((2, 3, 8), seed=40, dtype=torch.float64)
+    t0 = logits((2, 3, 8), seed=41, dtype=torch.float64, grad=False)
+    banned = torch.zeros(2, 3, 8, dtype=torch.bool)
+    banned[..., -2:] = True
+    t, t_far = _with(t0, banned, NEG_INF), _with(t0, banned, FAR)
+    for T in (1.0, 0.7):
+        got = forward_kl(s, t, temperature=T, reduction="none")
+        want = F.kl_div(F.log_softmax(s / T, -1), F.softmax(t / T, -1), reduction="none").sum(-1)
+        assert_close(got, want)
+        gs, gt = torch.autograd.grad(got.sum(), (s, t))
+        assert_close(gs, torch.autograd.grad(want.sum(), s)[0])
+        # F.kl_div's own teacher gradient is NaN here; the limit is the gradient at FAR
+        (gt_far,) = torch.autograd.grad(reference.forward_kl(s, t_far, T).sum(), t_far)
+        assert_close(gt, gt_far)
+        assert (gt[banned] == 0).all()
+
+
+PATTERNS = ("teacher", "student", "both", "same")
+
+
+def _banned(n: int, v: int, seed: int, pattern: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random -inf patterns (student, teacher), at least one finite entry per row of each."""
+    g = torch.Generator().manual_seed(seed)
+    ban_s = torch.rand(n, v, generator=g) < 0.5
+    ban_t = torch.rand(n, v, generator=g) < 0.5
+    ban_s.scatter_(1, torch.randint(0, v, (n, 1), generator=g), False)
+    ban_t.scatter_(1, torch.randint(0, v, (n, 1), generator=g), False)
+    if pattern == "teacher":
+        ban_s.zero_()
+    elif pattern == "student":
+        ban_t.zero_()
+    elif pattern == "same":
+        ban_s = ban_t.clone()
+    return ban_s, ban_t
+
+
+def _infinite_rows(name, ban_s, ban_t, s, t, T) -> torch.Tensor:
+    """Rows whose divergence is +inf: the second distribution of a KL has no mass where the first
+    has some (the skewed divergences with alpha > 0 and the JSD are always finite; adaptive KL is
+    infinite where an infinite KL has a weight > 0, which rounding can make exactly 0)."""
+    student_short = (ban_s & ~ban_t).any(-1)  # KL(p || q) = inf
+    teacher_short = (ban_t & ~ban_s).any(-1)  # KL(q || p) = inf
+    if name == "adaptive_kl":
+        w_head, w_tail = reference.adaptive_ratios(s, t, 0.5, T)
+        return (student_short & (w_head > 0)) | (teacher_short & (w_tail > 0))
+    return {"forward_kl": student_short, "reverse_kl": teacher_short}.get(name, torch.zeros_like(student_short))
+
+
+@settings(max_examples=60, deadline=None)
+@given(rows, vocab, seeds, temps, alphas, st.sampled_from(list(CASES)), st.sampled_from(PATTERNS))
+def test_prop_neg_inf_entries_are_the_limit(n, v, seed, T, a, name, pattern):
+    ban_s, ban_t = _banned(n, v, seed, pattern)
+    s0, t0 = logits((n, v), seed=seed, grad=False), logits((n, v), seed=seed + 1, grad=False)
+    s, t = _with(s0, ban_s, NEG_INF), _with(t0, ban_t, NEG_INF)
+    s_far, t_far = _with(s0.double(), ban_s, FAR), _with(t0.double(), ban_t, FAR)
+    got = _call(name, s, t, T=T, a=a, reduction="none")
+    lim = _ref(name, s_far, t_far, T=T, a=a, reduction="none")
+    ref = _ref(name, s.double(), t.double(), T=T, a=a, reduction="none")  # the reference's own -inf handling
+    inf_rows = _infinite_rows(name, ban_s, ban_t, s, t, T)
+    inf_rows64 = _infinite_rows(name, ban_s, ban_t, s.double(), t.double(), T)
+    assert not torch.isnan(got).any() and not torch.isnan(ref).any()
+    assert torch.equal(torch.isinf(got), inf_rows) and (got[inf_rows] > 0).all()
+    assert torch.equal(torch.isinf(ref), inf_rows64)
+    fin = ~inf_rows & ~inf_rows64  # they differ only where adaptive KL's weight rounds to 0
+    assert_close(got[fin], lim[fin].float())
+    assert_close(ref[fin], lim[fin].detach())
+    if pattern == "same":  # equal to the divergence over the remaining entries, row by row
+        for r in range(n):
+            keep = ~ban_t[r]
+            alone = _ref(name, s0[r, keep][None].double(), t0[r, keep][None].double(), T=T, a=a, reduction="none")
+            assert_close(got[r : r + 1], alone.float())
+    # gradients of the finite rows: finite, and the limit's (exactly 0 where both are -inf)
+    w = torch.where(fin, torch.rand(n, generator=torch.Generator().manual_seed(seed)), 0.0)
+    g_got = torch.autograd.grad((got * w).sum(), (s, t))
+    g_lim = torch.autograd.grad((lim * w.double()).sum(), (s_far, t_far))
+    for x, y in zip(g_got, g_lim):
+        assert torch.isfinite(x).all()
+        assert_close(x, y.float())
+        assert (x[ban_s & ban_t] == 0).all()
+
+
+def test_infinite_divergence_value_and_gradients():
+    # Row 1: the student is -inf where the teacher has mass, KL(p || q) = +inf.
+    # Row 2: the teacher is -inf where the student has mass, KL(q || p) = +inf.
+    # kdq returns +inf for such a row; the gradient with respect to the logits that are -inf is
+    # the finite limit (F.kl_div's: (q - p) / T for the student of KL(p || q)); the gradient with
+    # respect to the other logits has no finite limit and is NaN on that row; other rows are
+    # untouched.
+    T = 1.3
+    s0, t0 = logits((3, 6), seed=50, dtype=torch.float64, grad=False), logits((3, 6), seed=51, dtype=torch.float64, grad=False)
+    s0[1, 2] = NEG_INF
+    t0[2, 4] = NEG_INF
+    s, t = s0.clone().requires_grad_(), t0.clone().requires_grad_()
+    q, p = torch.softmax(s0 / T, -1), torch.softmax(t0 / T, -1)
+    for name, bad, other, finite_grad in (("forward_kl", 1, 2, lambda: (q - p) / T),
+                                          ("reverse_kl", 2, 1, lambda: (p - q) / T)):
+        fn = CASES[name][0]
+        v = fn(s, t, temperature=T, reduction="none")
+        assert v[bad] == float("inf") and torch.isfinite(v[[0, other]]).all()
+        gs, gt = torch.autograd.grad(v.sum(), (s, t))
+        g_finite, g_nan = (gs, gt) if name == "forward_kl" else (gt, gs)
+        assert_close(g_finite[bad], finite_grad()[bad])
+        assert torch.isnan(g_nan[bad]).all()
+        ref = CASES[name][1](s, t, T, 0.0)
+        assert_close(v[[0, other]], ref[[0, other]])
+        for x, y in zip((gs, gt), torch.autograd.grad(ref[[0, other]].sum(), (s, t))):
+            assert_close(x[[0, other]], y[[0, other]])
+        # the mean is +inf; its gradient is NaN only on the infinite row
+        m = fn(s, t, temperature=T)
+        assert m == float("inf")
+        gs, gt = torch.autograd.grad(m, (s, t))
+        assert torch.isfinite(gs[[0, other]]).all() and torch.isfinite(gt[[0, other]]).all()
+    # F.kl_div where it applies (no entry -inf in both): the student's gradient of row 1 included
+    v = forward_kl(s, t, temperature=T, reduction="none")
+    want = F.kl_div(F.log_softmax(s / T, -1), F.softmax(t / T, -1), reduction="none").sum(-1)
+    assert torch.equal(torch.isinf(v), torch.isinf(want))
+    assert_close(v[[0, 2]], want[[0, 2]])
+    assert_close(torch.autograd.grad(v.sum(), s)[0], torch.autograd.grad(want.sum(), s)[0])
+
+
+def test_smallest_accepted_temperature_gives_the_argmax_limit():
+    # T = 1.2e-38: softmax(logits / T) is one-hot on the argmax; the divergence is 0 where the
+    # argmaxes agree and positive (+inf or a huge number) where they do not: never NaN
+    s, t = logits((4, 50, 16), seed=54, grad=False), logits((4, 50, 16), seed=55, grad=False)
+    s[:2] = t[:2]  # equal rows: same argmax
+    same = s.argmax(-1) == t.argmax(-1)
+    for name in CASES:
+        v = _call(name, s, t, T=1.2e-38, reduction="none")
+        assert not torch.isnan(v).any()
+        assert (v[same] == 0).all() and (v[~same] > 0).all()
+        if name not in ("forward_kl", "reverse_kl", "adaptive_kl"):
+            assert torch.isfinite(v).all()

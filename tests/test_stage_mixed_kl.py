@@ -23,6 +23,7 @@ from kdq.losses import (
     TemperatureError,
     adaptive_kl,
     forward_kl,
+    paper_config,
     reference,
     reverse_kl,
     skewed_forward_kl,
@@ -244,6 +245,49 @@ def test_masked_positions_get_zero_gradient_and_half_inputs_are_finite():
     empty = StageMixedKL(10)(logits(shape, seed=1), logits(shape, seed=2), step=0,
                              mask=torch.zeros(shape[:-1], dtype=torch.bool))
     assert empty.item() == 0.0
+
+
+def test_neg_inf_logits_banned_entries():
+    shape = (2, 4, 6, 20)
+    mask = delay_mask(2, 4, 6)
+    kd = StageMixedKL(1000, weights={**{n: w for n, w in paper_config(1000)["weights"].items()},
+                                      "adaptive_kl": 0.3, "cross_entropy": 0.5})
+    labels = torch.randint(0, 17, shape[:-1], generator=torch.Generator().manual_seed(42))
+    s0 = logits(shape, seed=40, dtype=torch.float64, grad=False)
+    t0 = logits(shape, seed=41, dtype=torch.float64, grad=False)
+    # The same entries banned in both (padded vocabulary): the loss is the loss over the other 17
+    # entries, and the banned entries get exactly zero gradient, at every stage.
+    s = s0.clone().index_fill_(-1, torch.arange(17, 20), float("-inf")).requires_grad_()
+    t = t0.clone().index_fill_(-1, torch.arange(17, 20), float("-inf")).requires_grad_()
+    s17, t17 = s0[..., :17].clone().requires_grad_(), t0[..., :17].clone().requires_grad_()
+    for step in (0, 500, 1000):
+        loss = kd(s, t, step=step, mask=mask, labels=labels)
+        want = kd(s17, t17, step=step, mask=mask, labels=labels)
+        assert_close(loss, want)
+        (gs, gt), (ws, wt) = torch.autograd.grad(loss, (s, t)), torch.autograd.grad(want, (s17, t17))
+        assert_close(gs[..., :17], ws)
+        assert_close(gt[..., :17], wt)
+        assert (gs[..., 17:] == 0).all() and (gt[..., 17:] == 0).all()
+    # Banned in the teacher only: KL(q || p) is +inf. At step 0 the reverse terms have weight 0,
+    # so the loss and its gradients are the other terms' (0 * inf = 0), equal to the reference
+    # composition; once reverse KL has weight the loss is +inf and the student's gradient on the
+    # counted positions is NaN (it has no finite limit), while the teacher's stays finite.
+    kd = StageMixedKL(1000)
+    t = t0.clone().index_fill_(-1, torch.arange(17, 20), float("-inf")).requires_grad_()
+    s = s0.clone().requires_grad_()
+    assert kd.weights_at(0)["reverse_kl"] == 0 and kd.weights_at(0)["skewed_reverse_kl"] == 0
+    loss = kd(s, t, step=0, mask=mask)
+    naive = naive_loss(kd, s, t, 0, mask)
+    assert torch.isfinite(loss)
+    assert_close(loss, naive)
+    for a, b in zip(torch.autograd.grad(loss, (s, t)), torch.autograd.grad(naive, (s, t))):
+        assert torch.isfinite(a).all()
+        assert_close(a, b)
+    late = kd(s, t, step=900, mask=mask)
+    assert late == float("inf")
+    gs, gt = torch.autograd.grad(late, (s, t))
+    assert torch.isnan(gs[mask]).all() and (gs[~mask] == 0).all()
+    assert torch.isfinite(gt).all()
 
 
 @settings(max_examples=20, deadline=None)
