@@ -262,6 +262,8 @@ def test_errors():
     _check_error(LogitsShapeError, "teacher_logits", reverse_kl, s, logits((2, 4, 8), seed=1))
     _check_error(LogitsShapeError, "student_logits", forward_kl, torch.ones(2, 3, 8, dtype=torch.long), t)
     _check_error(LogitsShapeError, "teacher_logits", forward_kl, s, [1.0])
+    msg = _check_error(LogitsShapeError, "student_logits", forward_kl, torch.zeros(2, 0), torch.zeros(2, 0))
+    assert "V >= 1" in msg  # an empty vocabulary raised a raw RuntimeError from reshape
     msg = _check_error(MaskError, "mask", forward_kl, s, t, mask=torch.ones(2, 3, 8, dtype=torch.bool))
     assert "(2, 3)" in msg
     _check_error(MaskError, "mask", forward_kl, s, t, mask=torch.ones(2, 3))
@@ -494,6 +496,16 @@ def test_infinite_divergence_value_and_gradients():
     assert torch.equal(torch.isinf(v), torch.isinf(want))
     assert_close(v[[0, 2]], want[[0, 2]])
     assert_close(torch.autograd.grad(v.sum(), s)[0], torch.autograd.grad(want.sum(), s)[0])
+
+
+@pytest.mark.parametrize("T", [1e-39, 1.4e-45, 5e-324, 1e-38])
+def test_temperatures_whose_inverse_overflows_are_refused(T):
+    # 1 / T is not a finite float32 (or T is subnormal): the logits / T overflow and the loss
+    # came out NaN (or, with StageMixedKL's T**2 weight, exactly 0)
+    s, t = logits((2, 3, 8), seed=52), logits((2, 3, 8), seed=53)
+    for name in CASES:
+        msg = _check_error(TemperatureError, "temperature", _call, name, s, t, T=T)
+        assert "1.17549e-38" in msg
 
 
 def test_smallest_accepted_temperature_gives_the_argmax_limit():

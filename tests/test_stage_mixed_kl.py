@@ -290,6 +290,18 @@ def test_neg_inf_logits_banned_entries():
     assert torch.isfinite(gt).all()
 
 
+def test_tiny_temperatures_are_refused_not_a_zero_loss():
+    # the reproduction: at T = 1e-39 the T**2 weight underflowed to 0 and the loss was exactly 0
+    s, t = logits((2, 4, 5, 10), seed=43), logits((2, 4, 5, 10), seed=44)
+    for T in (1e-39, 5e-324):
+        _err(TemperatureError, "temperature", lambda: StageMixedKL(10, temperature=T)(s, t, step=0))
+    # 1/T is finite but T**2 is below float32's range: the T**2 weight would round to 0
+    msg = _err(TemperatureError, "temperature", lambda: StageMixedKL(10, temperature=1e-20)(s, t, step=0))
+    assert "t2_scale" in msg
+    loss = StageMixedKL(10, temperature=1e-20, t2_scale=False)(s, t, step=0)
+    assert not torch.isnan(loss) and loss > 0
+
+
 @settings(max_examples=20, deadline=None)
 @given(st.integers(1, 3), st.integers(1, 4), st.integers(1, 6), st.integers(2, 30), st.integers(0, 2**31 - 1),
        st.floats(0, 1200), st.floats(0.0, 0.9))
@@ -309,6 +321,7 @@ def _err(exc_type, arg, fn):
         fn()
     assert isinstance(info.value, KdqError) and isinstance(info.value, ValueError)
     assert arg in str(info.value)
+    return str(info.value)
 
 
 def test_errors():
@@ -329,6 +342,8 @@ def test_errors():
     _err(StageMixedKLConfigError, "step", lambda: kd(s, t, step=-1))
     _err(StageMixedKLConfigError, "step", lambda: kd(s, t, step=float("nan")))
     _err(LogitsShapeError, "teacher_logits", lambda: kd(s, t[..., :9], step=0))
+    empty = torch.zeros(2, 4, 5, 0)  # V = 0 raised a raw RuntimeError from reshape
+    _err(LogitsShapeError, "student_logits", lambda: kd(empty, empty, step=0))
     _err(MaskError, "mask", lambda: kd(s, t, step=0, mask=torch.ones(2, 4, 5, 10, dtype=torch.bool)))
     _err(TemperatureError, "temperature", lambda: StageMixedKL(10, temperature=Linear(1.0, -1.0, 10))(s, t, step=9))
     _err(LogitsShapeError, "codebook_weights", lambda: StageMixedKL(10, codebook_weights=[1, 1, 1])(s, t, step=0))

@@ -26,8 +26,10 @@ from torch import nn
 from kdq.errors import bad_value, close_matches
 from kdq.losses import fused
 from kdq.losses.divergences import check_alpha, check_logits, check_mask, check_temperature
-from kdq.losses.errors import LogitsShapeError, MaskError, StageMixedKLConfigError
+from kdq.losses.errors import LogitsShapeError, MaskError, StageMixedKLConfigError, TemperatureError
 from kdq.schedules import Constant, Cosine, Schedule, ScheduleError, Staged, as_schedule
+
+_F32_TINY = float(torch.finfo(torch.float32).tiny)
 
 #: Components StageMixedKL knows, in the order they are computed and printed.
 COMPONENTS = fused.TERMS
@@ -189,8 +191,17 @@ class StageMixedKL(nn.Module):
         return self.codebook_weights is not None or self.time_weighting is not None
 
     def temperature_at(self, step: float) -> float:
-        """Temperature at ``step``; raises :class:`TemperatureError` if the schedule gives <= 0."""
-        return check_temperature(self.temperature(_step(step)), f"temperature schedule at step {step}")
+        """Temperature at ``step``; raises :class:`TemperatureError` if the schedule gives a value
+        below :data:`kdq.losses.divergences.MIN_TEMPERATURE`, or one whose ``T**2`` weight is below
+        float32's range when ``t2_scale``."""
+        arg = f"temperature schedule at step {step}"
+        value = check_temperature(self.temperature(_step(step)), arg)
+        if self.t2_scale and value * value < _F32_TINY:
+            raise bad_value(TemperatureError, arg, value,
+                            f"a number >= {math.sqrt(_F32_TINY):.3g} with t2_scale=True (T**2 = {value * value:.3g} "
+                            "rounds to 0 in float32, which would zero the loss)",
+                            "use a larger temperature, or t2_scale=False")
+        return value
 
     def weights_at(self, step: float) -> dict[str, float]:
         """Weight of each component at ``step``, ``T**2`` included (when ``t2_scale``)."""
