@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass
+from typing import ClassVar
 
 import pytest
 import torch
@@ -29,7 +31,7 @@ from kdq.losses import (
     skewed_forward_kl,
     skewed_reverse_kl,
 )
-from kdq.schedules import Constant, Linear
+from kdq.schedules import Constant, Cosine, Linear, Schedule, Staged
 
 PUBLIC = {"forward_kl": forward_kl, "reverse_kl": reverse_kl, "skewed_forward_kl": skewed_forward_kl,
           "skewed_reverse_kl": skewed_reverse_kl}
@@ -345,7 +347,7 @@ def test_errors():
     empty = torch.zeros(2, 4, 5, 0)  # V = 0 raised a raw RuntimeError from reshape
     _err(LogitsShapeError, "student_logits", lambda: kd(empty, empty, step=0))
     _err(MaskError, "mask", lambda: kd(s, t, step=0, mask=torch.ones(2, 4, 5, 10, dtype=torch.bool)))
-    _err(TemperatureError, "temperature", lambda: StageMixedKL(10, temperature=Linear(1.0, -1.0, 10))(s, t, step=9))
+    _err(TemperatureError, "temperature", lambda: StageMixedKL(10, temperature=Linear(1.0, -1.0, 10)))
     _err(LogitsShapeError, "codebook_weights", lambda: StageMixedKL(10, codebook_weights=[1, 1, 1])(s, t, step=0))
     ce = StageMixedKL(10, weights={"cross_entropy": 1.0})
     _err(StageMixedKLConfigError, "labels", lambda: ce(s, t, step=0))
@@ -353,6 +355,80 @@ def test_errors():
     _err(LogitsShapeError, "labels", lambda: ce(s, t, step=0, labels=bad))
     _err(LogitsShapeError, "labels", lambda: ce(s, t, step=0, labels=torch.zeros(2, 4, dtype=torch.long)))
     _err(MaskError, "labels", lambda: ce(s, t, step=0, labels=torch.zeros(2, 4, 5)))
-    tw = StageMixedKL(10, time_weighting=Linear(1.0, -1.0, 2))
-    _err(StageMixedKLConfigError, "time_weighting", lambda: tw(s, t, step=0))
+    _err(StageMixedKLConfigError, "time_weighting", lambda: StageMixedKL(10, time_weighting=Linear(1.0, -1.0, 2)))
+    _err(TemperatureError, "temperature", lambda: StageMixedKL(10, temperature=Linear(1.0, 0.0, 10)))
     assert math.isfinite(StageMixedKL(10)(s, t, step=10**6).item())  # past the end: schedules hold
+
+
+@pytest.mark.parametrize(
+    "weight",
+    [-1.0, Constant(-0.1), Linear(1.0, -1.0, 10), Cosine(0.5, -0.5, 100, begin=20),
+     Staged((Constant(1.0), Linear(0.5, -0.2, 10, begin=5)), (5,), width=2),
+     {"kind": "linear", "start": 0.2, "end": -0.2, "steps": 4}],
+    ids=["number", "constant", "linear", "cosine", "staged", "dict"],
+)
+def test_negative_weight_schedules_are_refused(weight):
+    # the reproduction: weights={"forward_kl": -1.0} (or a schedule that decreases below zero)
+    # was accepted and the loss maximised the divergence
+    msg = _err(StageMixedKLConfigError, "weights['reverse_kl']",
+               lambda: StageMixedKL(10, weights={"forward_kl": 1.0, "reverse_kl": weight}))
+    assert ">= 0" in msg
+    _err(StageMixedKLConfigError, "weights['reverse_kl']",
+         lambda: StageMixedKL.from_dict({"total_steps": 10, "weights": {"reverse_kl": weight}}))
+
+
+@dataclass(frozen=True, repr=False)
+class _Dip(Schedule):
+    """A kind with no stated lower bound that goes negative from step 5."""
+
+    kind: ClassVar[str] = "test_dip"
+
+    def __call__(self, step: float) -> float:
+        return 1.0 if step < 5 else -0.5
+
+
+def test_negative_weight_at_a_step_is_refused_when_no_bound_is_known():
+    s, t = logits((2, 3, 4, 8), seed=45), logits((2, 3, 4, 8), seed=46)
+    kd = StageMixedKL(10, weights={"forward_kl": 1.0, "skewed_forward_kl": _Dip()})
+    assert torch.isfinite(kd(s, t, step=4))
+    msg = _err(StageMixedKLConfigError, "weights['skewed_forward_kl'] at step 5", lambda: kd(s, t, step=5))
+    assert "-0.5" in msg
+    _err(StageMixedKLConfigError, "weights['skewed_forward_kl'] at step 7", lambda: kd.weights_at(7))
+    _err(StageMixedKLConfigError, "weights['skewed_forward_kl'] at step 6", lambda: kd.components(s, t, step=6))
+
+
+def test_from_dict_with_a_bad_staged_schedule_names_the_key():
+    bad = {"kind": "staged", "pieces": 5, "boundaries": []}
+    _err(StageMixedKLConfigError, "pieces", lambda: StageMixedKL.from_dict({"total_steps": 10, "weights": {"forward_kl": bad}}))
+    _err(StageMixedKLConfigError, "pieces", lambda: StageMixedKL.from_dict({"total_steps": 10, "temperature": bad}))
+
+
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers(-5, 10**6) | st.floats() | st.text(max_size=6),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
+    max_leaves=6,
+)
+CONFIG_VALUES = {
+    "weights": st.dictionaries(st.sampled_from(["forward_kl", "reverse_kl", "forward_k"]),
+                               JSON | st.floats(-1, 1), max_size=3) | JSON,
+    "temperature": JSON | st.floats(-1, 3),
+    "alpha": JSON,
+    "t2_scale": JSON,
+    "head_mass": JSON,
+    "ignore_index": JSON,
+    "codebook_weights": JSON,
+    "time_weighting": JSON,
+    "chunk_elements": JSON,
+    "compile": JSON,
+}
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.integers(-2, 100) | JSON, st.fixed_dictionaries({}, optional=CONFIG_VALUES))
+def test_prop_from_dict_refuses_garbage_with_typed_errors_only(total_steps, config):
+    # a config file is user input: anything that is not a valid config is a KdqError
+    try:
+        kd = StageMixedKL.from_dict({"total_steps": total_steps, **config})
+    except KdqError:
+        return
+    assert StageMixedKL.from_dict(json.loads(json.dumps(kd.to_dict()))).to_dict() == kd.to_dict()
