@@ -99,6 +99,24 @@ def test_matches_reference_fp64_tight(name):
         assert_close(a_, b_)
 
 
+@pytest.mark.parametrize("name", list(CASES))
+def test_gradients_follow_the_upstream_gradient(name):
+    # (w * loss).backward() with w != 1, and a random non-scalar upstream for reduction="none":
+    # student and teacher gradients against the reference (an upstream of 1 is not special)
+    shape = (3, 5, 29)
+    mask = random_mask(shape[:-1], seed=62)
+    upstream = torch.randn(shape[:-1], generator=torch.Generator().manual_seed(63), dtype=torch.float64)
+    for reduction, w in (("mean", 0.37), ("mean", -2.5), ("sum", 0.37), ("none", upstream)):
+        s, t = logits(shape, seed=60, dtype=torch.float64), logits(shape, seed=61, dtype=torch.float64)
+        s_ref, t_ref = s.detach().clone().requires_grad_(), t.detach().clone().requires_grad_()
+        got = _call(name, s, t, T=1.7, a=0.2, mask=mask, reduction=reduction)
+        want = _ref(name, s_ref, t_ref, T=1.7, a=0.2, mask=mask, reduction=reduction)
+        (w * got).sum().backward()
+        (w * want).sum().backward()
+        assert_close(s.grad, s_ref.grad)
+        assert_close(t.grad, t_ref.grad)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("name", ["forward_kl", "skewed_forward_kl", "skewed_reverse_kl", "generalized_jsd"])
 def test_half_inputs_match_reference(name, dtype):
@@ -200,21 +218,47 @@ def test_fast_terms_chunked_equals_one_chunk_all_terms():
     assert torch.equal(one, many)  # same arithmetic per row, whatever the chunking
 
 
-def test_kd_loss_gradient_matches_reference_with_cross_entropy():
+@pytest.mark.parametrize("w", [1.0, 0.37, -2.5])
+def test_kd_loss_gradient_matches_reference_with_cross_entropy(w):
+    # every term, random per-position coefficients, student and teacher gradients, and an upstream
+    # gradient w: 1 takes the backward's hand-over of the stored gradient, the others scale it
     shape = (3, 4, 7, 33)
     s, t = logits(shape, seed=22, dtype=torch.float64), logits(shape, seed=23, dtype=torch.float64)
     labels = torch.randint(0, 33, shape[:-1], generator=torch.Generator().manual_seed(24))
     coef = torch.rand(*shape[:-1], len(fused.TERMS), generator=torch.Generator().manual_seed(25), dtype=torch.float64)
-    loss, values = fused.kd_loss(s, t, fused.TERMS, coef, temperature=1.9, alpha=0.15, labels=labels,
-                                 chunk_elements=33 * 5)
+    loss, values = fused.kd_loss(s, t, fused.TERMS, coef, temperature=1.9, alpha=0.15, head_mass=0.3,
+                                 labels=labels, chunk_elements=33 * 5)
     ref = torch.stack([reference.forward_kl(s, t, 1.9), reference.reverse_kl(s, t, 1.9),
                        reference.skewed_forward_kl(s, t, 0.15, 1.9), reference.skewed_reverse_kl(s, t, 0.15, 1.9),
-                       reference.adaptive_kl(s, t, 0.5, 1.9), reference.cross_entropy(s, labels)], -1)
+                       reference.adaptive_kl(s, t, 0.3, 1.9), reference.cross_entropy(s, labels)], -1)
     ref_loss = (coef * ref).sum()
     assert_close(loss, ref_loss)
     assert_close(values, ref.detach())
-    for a_, b_ in zip(torch.autograd.grad(loss, (s, t)), torch.autograd.grad(ref_loss, (s, t))):
+    for a_, b_ in zip(torch.autograd.grad(w * loss, (s, t)), torch.autograd.grad(w * ref_loss, (s, t))):
         assert_close(a_, b_)
+
+
+def test_kd_loss_backward_runs_once_per_call():
+    # The gradient is computed in the forward pass and released at the first backward (handed
+    # over to .grad when the upstream is 1). A second backward through a retained graph used to
+    # return that tensor again although .grad now shared its memory: accumulating twice then
+    # failed with a version-counter error (for logits of rank >= 3 only). It is refused clearly.
+    s, t = logits((2, 3, 4, 9), seed=64), logits((2, 3, 4, 9), seed=65)
+    coef = torch.rand(2, 3, 4, 1, generator=torch.Generator().manual_seed(66))
+    for w in (1.0, 0.5):
+        s.grad = None
+        loss, _ = fused.kd_loss(s, t, ("forward_kl",), coef)
+        (w * loss).backward(retain_graph=True)
+        first = s.grad.clone()
+        s.grad.mul_(2.0)  # in place, as clip_grad_norm_ and zero_grad(set_to_none=False) do
+        with pytest.raises(RuntimeError, match="second time"):
+            (w * loss).backward()
+        assert torch.equal(s.grad, 2.0 * first)
+        # accumulation over separate calls is unaffected
+        s.grad = None
+        for _ in range(3):
+            (w * fused.kd_loss(s, t, ("forward_kl",), coef)[0]).backward()
+        assert_close(s.grad, 3.0 * first)
 
 
 @pytest.mark.skipif(not (shutil.which("c++") or shutil.which("g++")),

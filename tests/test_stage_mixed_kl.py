@@ -91,6 +91,84 @@ def test_fast_path_matches_naive_reference_composition(shape, dtype):
             assert_close(a, b)
 
 
+ALL_TERMS = {"forward_kl": 0.5, "reverse_kl": 0.3, "skewed_forward_kl": 0.2, "skewed_reverse_kl": 0.4,
+             "adaptive_kl": 0.6, "cross_entropy": 0.7}
+
+
+def naive_loss_with_ce(kd: StageMixedKL, s, t, step, mask, labels):
+    """The reference composition plus the cross-entropy term (mean over counted, labelled positions)."""
+    weights = kd.weights_at(step)
+    ce_w = weights.pop("cross_entropy")
+    keep = mask & (labels != kd.ignore_index)
+    ce = reference.cross_entropy(s, labels, kd.ignore_index)
+    return (reference.naive_composition(s, t, weights, kd.temperature_at(step), kd.alpha, mask, kd.head_mass)
+            + ce_w * ce[keep].sum() / keep.sum())
+
+
+@pytest.mark.parametrize("w", [1.0, 0.37, -2.5])
+def test_gradients_follow_the_upstream_gradient(w):
+    # (w * loss).backward() for every term, head_mass != 0.5, student and teacher gradients, against
+    # the reference: the fused backward hands over its stored gradient when w == 1 and scales it
+    # otherwise; components() recomputes each chunk in its backward
+    shape = (2, 4, 7, 33)
+    kd = StageMixedKL(100, weights=ALL_TERMS, alpha=0.2, head_mass=0.35, chunk_elements=33 * 5)
+    mask = random_mask(shape[:-1], seed=47)
+    labels = torch.randint(0, 33, shape[:-1], generator=torch.Generator().manual_seed(48))
+    labels[:, :, 0] = -100
+    runs = {}
+    for how in ("forward", "components", "reference"):
+        s, t = logits(shape, seed=49, dtype=torch.float64), logits(shape, seed=50, dtype=torch.float64)
+        if how == "forward":
+            loss = kd(s, t, step=60, mask=mask, labels=labels)
+        elif how == "components":
+            loss = sum(wt * v for wt, v in kd.components(s, t, step=60, mask=mask, labels=labels).values())
+        else:
+            loss = naive_loss_with_ce(kd, s, t, 60, mask, labels)
+        (w * loss).backward()
+        runs[how] = (loss.detach(), s.grad, t.grad)
+    for how in ("forward", "components"):
+        for a, b in zip(runs[how], runs["reference"]):
+            assert_close(a, b)
+
+
+def test_gradient_accumulation_gives_the_full_batch_gradient():
+    # Micro-batches weighted by their share of the counted positions, accumulated into the same
+    # parameters ((loss * n_mb / n).backward(), as the example's training loop does), give the
+    # full batch's gradient: values and norm, student and teacher parameters, against the
+    # reference composition on the full batch. Equal micro-batches without a mask, each
+    # backpropagated with an upstream of 1 (the hand-over path), add up to k times the gradient.
+    g = torch.Generator().manual_seed(51)
+    x = torch.randn(5, 4, 6, 12, generator=g, dtype=torch.float64)
+    student = torch.nn.Linear(12, 40).double()
+    teacher = torch.nn.Linear(12, 40).double()
+    mask = delay_mask(5, 4, 6) & random_mask((5, 4, 6), seed=52)
+    labels = torch.randint(0, 40, (5, 4, 6), generator=g).masked_fill(~mask, -100)
+    kd = StageMixedKL(100, weights=ALL_TERMS, alpha=0.15, chunk_elements=40 * 9)
+    params = [*student.parameters(), *teacher.parameters()]
+    ref = naive_loss_with_ce(kd, student(x), teacher(x), 70, mask, labels)
+    want = torch.autograd.grad(ref, params)
+    n = int(mask.sum())
+    for p in params:
+        p.grad = None
+    for lo, hi in ((0, 1), (1, 4), (4, 5)):  # uneven micro-batches
+        mb = slice(lo, hi)
+        loss = kd(student(x[mb]), teacher(x[mb]), step=70, mask=mask[mb], labels=labels[mb])
+        (loss * (int(mask[mb].sum()) / n)).backward()
+    for p, w_ in zip(params, want):
+        assert_close(p.grad, w_)
+    norm = torch.sqrt(sum((p.grad**2).sum() for p in params))
+    assert norm.item() == pytest.approx(torch.sqrt(sum((w_**2).sum() for w_ in want)).item(), rel=1e-10)
+    assert norm > 0
+    full = kd(student(x[:4]), teacher(x[:4]), step=70, labels=labels[:4].clamp_min(0))
+    want = torch.autograd.grad(2.0 * full, params)
+    for p in params:
+        p.grad = None
+    for mb in (slice(0, 2), slice(2, 4)):
+        kd(student(x[mb]), teacher(x[mb]), step=70, labels=labels[mb].clamp_min(0)).backward()
+    for p, w_ in zip(params, want):
+        assert_close(p.grad, w_)
+
+
 def test_default_config_is_the_documented_reconstruction():
     n = 1000
     kd = StageMixedKL(n)

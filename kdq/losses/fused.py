@@ -378,7 +378,9 @@ class _LossFn(torch.autograd.Function):
         want_s, want_t = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         values, gs, gt = _sweep(s, t, labels, coef, temperature, alpha, head_mass, terms, rows,
                                 want_s, want_t, use_compile)
-        ctx.save_for_backward(gs, gt)
+        # Not save_for_backward: the first backward takes these over (see backward), so that no
+        # saved tensor shares memory with a .grad that the caller may then change in place.
+        ctx.grads = (gs, gt)
         ctx.mark_non_differentiable(values)
         # masked rows (coef 0) may hold non-finite values: they must not reach the loss
         weighted = torch.where(coef != 0, coef.to(values.dtype) * values, 0.0)
@@ -386,7 +388,13 @@ class _LossFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, gloss, _gvalues):  # type: ignore[override]
-        gs, gt = ctx.saved_tensors
+        if ctx.grads is None:
+            raise RuntimeError(
+                "kdq: backward through a fused distillation loss a second time: its gradient is computed "
+                "in the forward pass and released by the first backward (retain_graph=True does not keep "
+                "it); compute the loss again for another backward")
+        gs, gt = ctx.grads
+        ctx.grads = None
         if bool(gloss == 1):  # the usual loss.backward(): hand over the stored gradient, no copy
             return gs, gt, None, None, None, None, None, None, None, None
         gs = None if gs is None else gs * gloss.to(gs.dtype)
@@ -438,8 +446,9 @@ def kd_loss(
     """``(sum(coef * values), values)`` with ``coef`` and ``values`` of shape ``[..., len(terms)]``.
 
     ``coef`` is treated as a constant (no gradient flows into it). The gradient with respect to the
-    logits is computed during this call, in the same sweep, and stored until backward; ``values``
-    carries no gradient.
+    logits is computed during this call, in the same sweep, and stored until backward, which
+    releases it (handing it over as is when the upstream gradient is 1): one backward per call, a
+    second one through a retained graph raises ``RuntimeError``. ``values`` carries no gradient.
     """
     lead = student.shape[:-1]
     s, t = _flat(student), _flat(teacher)
