@@ -163,6 +163,125 @@ def test_huge_logits_values_are_right():
 
 
 # --------------------------------------------------------------------------------------------
+# adaptive KL by hand; the skew's alpha -> 0 limit
+# --------------------------------------------------------------------------------------------
+
+LN2 = math.log(2.0)
+
+
+def _adaptive_everywhere(s, t, head_mass):
+    """Adaptive KL by the public fast path, the reference, and kd_terms (one position each)."""
+    fast = adaptive_kl(s, t, head_mass=head_mass, reduction="none")
+    ref = reference.adaptive_kl(s, t, head_mass)
+    terms = fused.kd_terms(s, t, ("adaptive_kl",), head_mass=head_mass)[..., 0]
+    return fast, ref, terms
+
+
+@pytest.mark.parametrize(
+    "head_mass, head_weight, value",
+    [
+        # p = [1/2, 1/4, 1/8, 1/8], q = [1/8, 1/2, 1/4, 1/8]; |p - q| = [3/8, 1/4, 1/8, 0]
+        # KL(p||q) = 1/2 ln 4 + 1/4 ln 1/2 + 1/8 ln 1/2 + 1/8 ln 1 = (1 - 1/4 - 1/8) ln 2 = 5/8 ln 2
+        # KL(q||p) = 1/8 ln 1/4 + 1/2 ln 2 + 1/4 ln 2 + 1/8 ln 1 = (-1/4 + 1/2 + 1/4) ln 2 = 1/2 ln 2
+        # teacher mass before each token, in decreasing order of p: 0, 1/2, 3/4, 7/8
+        (0.2, 1 / 2, 9 / 16 * LN2),   # head {0} (the top token always): g = 3/8 | 3/8, (5/8 + 1/2) / 2
+        (0.5, 1 / 2, 9 / 16 * LN2),   # head {0}: the prefix {0} reaches 1/2 exactly, token 1 is tail
+        (0.6, 5 / 6, 29 / 48 * LN2),  # head {0, 1}: g = 5/8 | 1/8, 5/6 * 5/8 + 1/6 * 1/2 = 29/48
+        (0.75, 5 / 6, 29 / 48 * LN2),  # head {0, 1}: the prefix {0, 1} reaches 3/4 exactly
+        (0.9, 1.0, 5 / 8 * LN2),      # all head: g_tail = 0, forward KL alone
+        (1.0, 1.0, 5 / 8 * LN2),      # all head (7/8 before the last token is below 1)
+    ],
+)
+def test_adaptive_kl_by_hand_dyadic(head_mass, head_weight, value):
+    # logits chosen so that float64 softmaxes are exactly the dyadic p and q (checked), so that the
+    # ties of the cumulative mass with head_mass at 0.5 and 0.75 are exact
+    t = torch.tensor([[0.0, -LN2, -2 * LN2, -2 * LN2]], dtype=torch.float64)
+    s = torch.tensor([[0.0, 2 * LN2, LN2, 0.0]], dtype=torch.float64)
+    assert torch.softmax(t, -1).tolist() == [[0.5, 0.25, 0.125, 0.125]]
+    assert torch.softmax(s, -1).tolist() == [[0.125, 0.5, 0.25, 0.125]]
+    w_head, w_tail = reference.adaptive_ratios(s, t, head_mass)
+    assert w_head.item() == pytest.approx(head_weight, rel=1e-15)
+    assert (w_head + w_tail).item() == 1.0
+    for got in _adaptive_everywhere(s, t, head_mass):
+        assert got.item() == pytest.approx(value, rel=1e-14)
+
+
+@pytest.mark.parametrize(
+    "head_mass, value",
+    [
+        # p = [0.7, 0.2, 0.1], q = [0.2, 0.5, 0.3]; |p - q| = [0.5, 0.3, 0.2]
+        # KL(p||q) = 0.7 ln 3.5 + 0.2 ln 0.4 + 0.1 ln(1/3)
+        #          = 0.876934078 - 0.183258146 - 0.109861229 = 0.583814703
+        # KL(q||p) = 0.2 ln(2/7) + 0.5 ln 2.5 + 0.3 ln 3
+        #          = -0.250552594 + 0.458145366 + 0.329583687 = 0.537176459
+        # teacher mass before each token: 0, 0.7, 0.9
+        (0.2, 0.5604955807717762),  # head {0}: g = 0.5 | 0.5, (0.583814703 + 0.537176459) / 2
+        (0.5, 0.5604955807717762),  # head {0}
+        (0.8, 0.5744870539317797),  # head {0, 1}: g = 0.8 | 0.2, 0.8 * 0.583814703 + 0.2 * 0.537176459
+        (0.95, 0.5838147027051154),  # all head: forward KL
+    ],
+)
+def test_adaptive_kl_by_hand_three_tokens(head_mass, value):
+    t = torch.tensor([[0.7, 0.2, 0.1]], dtype=torch.float64).log()
+    s = torch.tensor([[0.2, 0.5, 0.3]], dtype=torch.float64).log()
+    for got in _adaptive_everywhere(s, t, head_mass):
+        assert got.item() == pytest.approx(value, rel=1e-12)
+    # the teacher at temperature 2 is flatter: p = softmax(log p / 2) = sqrt(p) / sum(sqrt(p))
+    p2 = torch.tensor([0.7, 0.2, 0.1], dtype=torch.float64).sqrt()
+    q2 = torch.tensor([0.2, 0.5, 0.3], dtype=torch.float64).sqrt()
+    p2, q2 = p2 / p2.sum(), q2 / q2.sum()
+    gap = (p2 - q2).abs()
+    head = 2 if head_mass == 0.8 else (3 if head_mass == 0.95 else 1)  # p2 = 0.49, 0.26, 0.25: before 0, .49, .75
+    wh = gap[:head].sum() / gap.sum()
+    want = wh * (p2 * (p2 / q2).log()).sum() + (1 - wh) * (q2 * (q2 / p2).log()).sum()
+    got = adaptive_kl(s, t, head_mass=head_mass, temperature=2.0, reduction="none")
+    assert got.item() == pytest.approx(want.item(), rel=1e-12)
+
+
+@pytest.mark.parametrize("head_mass", [0.1, 0.3, 0.5, 0.7, 0.9, 1.0])
+def test_adaptive_kl_any_head_mass_matches_the_reference(head_mass):
+    # the fast path against the reference written from the definition, values and gradients
+    shape = (3, 7, 23)
+    s, t = logits(shape, seed=70, dtype=torch.float64), logits(shape, seed=71, dtype=torch.float64)
+    got = adaptive_kl(s, t, head_mass=head_mass, temperature=1.4, reduction="none")
+    want = reference.adaptive_kl(s, t, head_mass, 1.4)
+    assert_close(got, want)
+    w = torch.randn(shape[:-1], generator=torch.Generator().manual_seed(72), dtype=torch.float64)
+    for a_, b_ in zip(torch.autograd.grad((got * w).sum(), (s, t)), torch.autograd.grad((want * w).sum(), (s, t))):
+        assert_close(a_, b_)
+
+
+@pytest.mark.parametrize("name", ["skewed_forward_kl", "skewed_reverse_kl"])
+def test_skew_tends_to_the_unskewed_divergence(name):
+    # alpha = 0 is short-cut to the unskewed kernel in both paths, so equality there proves
+    # nothing. The limit alpha -> 0 does. KL(p || p + (1 - alpha)(q - p)) - KL(p || q)
+    # = -sum p log(1 + alpha (p/q - 1)) = alpha (1 - sum p^2 / q) + O(alpha^2) (swap p and q for the
+    # reverse one): the value's gap divided by alpha must approach that coefficient, and the gap of
+    # the gradients must close linearly in alpha.
+    plain = {"skewed_forward_kl": forward_kl, "skewed_reverse_kl": reverse_kl}[name]
+    fn = CASES[name][0]
+    T = 1.3
+    # logits of scale 1: p / q stays moderate, so the O(alpha) terms are small at alpha = 1e-6
+    s = logits((4, 7, 31), seed=73, scale=1.0, dtype=torch.float64)
+    t = logits((4, 7, 31), seed=74, scale=1.0, dtype=torch.float64)
+    p, q = torch.softmax(t.detach() / T, -1), torch.softmax(s.detach() / T, -1)
+    if name == "skewed_reverse_kl":
+        p, q = q, p
+    slope = 1.0 - (p * p / q).sum(-1)
+    base = plain(s, t, temperature=T, reduction="none")
+    g_base = torch.autograd.grad(base.sum(), (s, t))
+    g_gaps = []
+    for a in (1e-4, 1e-5, 1e-6):
+        v = fn(s, t, alpha=a, temperature=T, reduction="none")
+        g = torch.autograd.grad(v.sum(), (s, t))
+        torch.testing.assert_close((v.detach() - base.detach()) / a, slope, rtol=200 * a * slope.abs().max().item(), atol=0)
+        g_gaps.append(max((x - y).abs().max().item() for x, y in zip(g, g_base)))
+    assert g_gaps[-1] < 1e-4 * max(x.abs().max().item() for x in g_base)
+    for g1, g2 in zip(g_gaps, g_gaps[1:]):
+        assert 8 < g1 / g2 < 12  # first order in alpha
+
+
+# --------------------------------------------------------------------------------------------
 # masks and reductions
 # --------------------------------------------------------------------------------------------
 
@@ -352,8 +471,13 @@ def test_prop_nonnegative_and_zero_when_equal(n, v, seed, T, a, scale, name):
 def test_prop_skew_limits(n, v, seed, T, a, scale):
     s, t = logits((n, v), seed=seed, scale=scale, grad=False), logits((n, v), seed=seed + 1, scale=scale, grad=False)
     kw = dict(temperature=T, reduction="none")
-    assert torch.allclose(skewed_forward_kl(s, t, alpha=0.0, **kw), forward_kl(s, t, **kw), atol=1e-6, rtol=1e-5)
-    assert torch.allclose(skewed_reverse_kl(s, t, alpha=0.0, **kw), reverse_kl(s, t, **kw), atol=1e-6, rtol=1e-5)
+    # KL(p || a p + (1 - a) q) is convex in a and 0 at a = 1: it does not increase with a, from the
+    # unskewed value at a = 0 (likewise the reverse one)
+    a2 = a + (1.0 - a) / 2
+    for skewed, plain in ((skewed_forward_kl, forward_kl), (skewed_reverse_kl, reverse_kl)):
+        lo, hi = skewed(s, t, alpha=a2, **kw), skewed(s, t, alpha=a, **kw)
+        assert (lo <= hi + 1e-5 * (1 + hi)).all()
+        assert (hi <= plain(s, t, **kw) * (1 + 1e-5) + 1e-5).all()
     bound = -math.log(a) + 1e-5
     assert (skewed_forward_kl(s, t, alpha=a, **kw) <= bound).all()
     assert (skewed_reverse_kl(s, t, alpha=a, **kw) <= bound).all()

@@ -23,7 +23,6 @@ from kdq.losses import (
     StageMixedKL,
     StageMixedKLConfigError,
     TemperatureError,
-    adaptive_kl,
     forward_kl,
     paper_config,
     reference,
@@ -256,13 +255,20 @@ def test_cross_entropy_on_labels_with_ignore_index():
     assert_close(torch.autograd.grad(loss, s)[0], torch.autograd.grad(ref, s)[0])
 
 
-def test_adaptive_component():
+def test_adaptive_component_against_the_reference():
+    # head_mass 0.4 against the reference written from the definition (it compared the fast path
+    # with itself), forward and components, values and gradients
     shape = (2, 2, 5, 16)
-    s, t = logits(shape, seed=19), logits(shape, seed=20)
-    kd = StageMixedKL(10, weights={"adaptive_kl": 1.0}, temperature=1.0, head_mass=0.4)
+    s, t = logits(shape, seed=19, dtype=torch.float64), logits(shape, seed=20, dtype=torch.float64)
+    kd = StageMixedKL(10, weights={"adaptive_kl": 1.0}, temperature=1.7, t2_scale=False, head_mass=0.4)
+    want = reference.adaptive_kl(s, t, 0.4, 1.7).mean()
     (w, v), = kd.components(s, t, step=0).values()
-    assert torch.allclose(v, adaptive_kl(s, t, head_mass=0.4))
-    assert torch.allclose(kd(s, t, step=0), v)
+    loss = kd(s, t, step=0)
+    assert w == 1.0
+    for got in (v, loss):
+        assert_close(got, want)
+        for a, b in zip(torch.autograd.grad(got, (s, t)), torch.autograd.grad(want, (s, t), retain_graph=True)):
+            assert_close(a, b)
 
 
 def test_stateless_in_step():
