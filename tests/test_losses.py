@@ -404,6 +404,85 @@ def test_compiled_kernel_matches_eager():
     assert_close(g_comp, g_eager)
 
 
+@pytest.fixture
+def fresh_compile_state(monkeypatch):
+    """A process with no compiled kernel yet and no earlier compilation failure (restored after)."""
+    monkeypatch.setattr(fused, "_compiled_kernel", None)
+    monkeypatch.setattr(fused, "_compile_failed", False)
+    monkeypatch.delenv("KDQ_COMPILE", raising=False)
+
+
+def _kd_loss_grads(compile, **kw):
+    s, t = logits((2, 3, 5, 37), seed=80, **kw), logits((2, 3, 5, 37), seed=81, **kw)
+    coef = torch.rand(2, 3, 5, len(fused.TERMS), generator=torch.Generator().manual_seed(82), dtype=s.dtype)
+    labels = torch.randint(0, 37, (2, 3, 5), generator=torch.Generator().manual_seed(83))
+    loss, values = fused.kd_loss(s, t, fused.TERMS, coef, temperature=1.6, alpha=0.2, labels=labels,
+                                 chunk_elements=37 * 7, compile=compile)
+    return (loss, values, *torch.autograd.grad(loss, (s, t)))
+
+
+@pytest.mark.parametrize("when", ["wrapping", "first call"])
+def test_compile_failure_falls_back_to_eager_with_a_warning(monkeypatch, fresh_compile_state, when):
+    # torch.compile can refuse when asked (no compiler, unsupported platform): that used to escape
+    # the fallback, which only covered failures inside the compiled call
+    def refuse(*args, **kwargs):
+        raise RuntimeError("no C++ compiler found")
+
+    if when == "wrapping":
+        monkeypatch.setattr(torch, "compile", refuse)
+    else:
+        monkeypatch.setattr(fused, "_compiled_kernel", refuse)
+    with pytest.warns(RuntimeWarning, match=r"torch\.compile of the fused loss failed \(RuntimeError: no C\+\+ compiler"):
+        got = _kd_loss_grads(True, dtype=torch.float64)
+    assert fused._compile_failed
+    assert not fused.compile_enabled("auto") and not fused.compile_enabled(True)  # no retry in this process
+    want = _kd_loss_grads(False, dtype=torch.float64)
+    for a_, b_ in zip(got, want):
+        assert torch.equal(a_, b_)  # the eager path's values, bit for bit
+    # and the eager path is right: the reference, student and teacher gradients
+    s, t = logits((2, 3, 5, 37), seed=80, dtype=torch.float64), logits((2, 3, 5, 37), seed=81, dtype=torch.float64)
+    coef = torch.rand(2, 3, 5, len(fused.TERMS), generator=torch.Generator().manual_seed(82), dtype=torch.float64)
+    labels = torch.randint(0, 37, (2, 3, 5), generator=torch.Generator().manual_seed(83))
+    ref = torch.stack([reference.forward_kl(s, t, 1.6), reference.reverse_kl(s, t, 1.6),
+                       reference.skewed_forward_kl(s, t, 0.2, 1.6), reference.skewed_reverse_kl(s, t, 0.2, 1.6),
+                       reference.adaptive_kl(s, t, 0.5, 1.6), reference.cross_entropy(s, labels)], -1)
+    ref_loss = (coef * ref).sum()
+    assert_close(got[0], ref_loss)
+    for a_, b_ in zip(got[2:], torch.autograd.grad(ref_loss, (s, t))):
+        assert_close(a_, b_)
+
+
+def test_kdq_compile_switch(monkeypatch, fresh_compile_state):
+    # StageMixedKL(compile="auto") compiles for logits of at least 2**22 elements unless KDQ_COMPILE=0;
+    # an explicit compile=True compiles whatever KDQ_COMPILE says. A spy stands in for torch.compile.
+    from kdq.losses import StageMixedKL
+
+    calls = []
+
+    def spy(fn, **kwargs):
+        calls.append(kwargs)
+        return fn
+
+    monkeypatch.setattr(torch, "compile", spy)
+    big = (1, 4, 1024, 1024)  # exactly 2**22 elements
+    s, t = logits(big, seed=84, grad=False), logits(big, seed=85, grad=False)
+    kd = StageMixedKL(10, weights={"forward_kl": 1.0})
+    want = StageMixedKL(10, weights={"forward_kl": 1.0}, compile=False)(s, t, step=0)
+    monkeypatch.setenv("KDQ_COMPILE", "0")
+    assert torch.equal(kd(s, t, step=0), want) and calls == []
+    assert torch.equal(StageMixedKL(10, weights={"forward_kl": 1.0}, compile=True)(s, t, step=0), want)
+    assert calls == [{"dynamic": False}]
+    monkeypatch.setattr(fused, "_compiled_kernel", None)
+    calls.clear()
+    monkeypatch.setenv("KDQ_COMPILE", "1")
+    assert torch.equal(kd(s[:, :, 1:], t[:, :, 1:], step=0), kd(s[:, :, 1:], t[:, :, 1:], step=0))
+    assert calls == []  # one row short of 2**22 elements: not worth a compilation
+    assert torch.equal(kd(s, t, step=0), want)
+    assert calls == [{"dynamic": False}]
+    monkeypatch.delenv("KDQ_COMPILE")
+    assert fused.compile_enabled("auto") and not fused.compile_enabled(False)
+
+
 # --------------------------------------------------------------------------------------------
 # errors
 # --------------------------------------------------------------------------------------------

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
+import warnings
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -166,6 +168,76 @@ def test_gradient_accumulation_gives_the_full_batch_gradient():
         kd(student(x[mb]), teacher(x[mb]), step=70, labels=labels[mb].clamp_min(0)).backward()
     for p, w_ in zip(params, want):
         assert_close(p.grad, w_)
+
+
+REFERENCE_TERMS = {
+    "forward_kl": lambda s, t, kd, T: reference.forward_kl(s, t, T),
+    "reverse_kl": lambda s, t, kd, T: reference.reverse_kl(s, t, T),
+    "skewed_forward_kl": lambda s, t, kd, T: reference.skewed_forward_kl(s, t, kd.alpha, T),
+    "skewed_reverse_kl": lambda s, t, kd, T: reference.skewed_reverse_kl(s, t, kd.alpha, T),
+    "adaptive_kl": lambda s, t, kd, T: reference.adaptive_kl(s, t, kd.head_mass, T),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (shutil.which("c++") or shutil.which("g++")),
+                    reason="torch.compile on CPU needs a C++ compiler (the kernel falls back to eager)")
+def test_compiled_kernel_at_the_mini_preset_size(monkeypatch):
+    # What real runs execute: compile="auto" on bf16 (autocast) logits of the mini preset's size,
+    # [8 clips, 4 codebooks, 203 frames, 1024 codes] = 6.65M elements >= 2**22, the delay-pattern
+    # mask, every term including cross-entropy, the teacher's gradient too, two padded vocabulary
+    # entries at -inf in both; against the reference term by term (fp32 leaves holding the same
+    # values). About 40 s on a 2-core CPU, most of it the two compilations.
+    from torch._dynamo.utils import counters
+
+    from kdq.losses import fused
+
+    monkeypatch.setattr(fused, "_compiled_kernel", None)
+    monkeypatch.setattr(fused, "_compile_failed", False)
+    monkeypatch.delenv("KDQ_COMPILE", raising=False)
+    b, k, frames, v = 8, 4, 203, 1024
+    s = logits((b, k, frames, v), seed=90, dtype=torch.bfloat16, grad=False)
+    t = logits((b, k, frames, v), seed=91, dtype=torch.bfloat16, grad=False)
+    s[..., -2:] = float("-inf")
+    t[..., -2:] = float("-inf")
+    s.requires_grad_()
+    t.requires_grad_()
+    mask = delay_mask(b, k, frames) & random_mask((b, k, frames), seed=92, p=0.1)
+    labels = torch.randint(0, v - 2, (b, k, frames), generator=torch.Generator().manual_seed(93)).masked_fill(~mask, -100)
+    kd = StageMixedKL(300, weights=ALL_TERMS)
+    assert kd.compile == "auto" and s.numel() >= 1 << 22
+    step = 120
+    graphs = counters["stats"]["unique_graphs"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # a fallback to eager would hide the compile
+        loss = kd(s, t, step=step, mask=mask, labels=labels)
+        gs, gt = torch.autograd.grad(loss, (s, t))
+        with torch.no_grad():  # how the training loop logs them
+            parts = kd.components(s, t, step=step, mask=mask, labels=labels)
+    assert counters["stats"]["unique_graphs"] >= graphs + 2 and not fused._compile_failed
+    assert gs.dtype == gt.dtype == torch.bfloat16
+    s32, t32 = s.detach().float().requires_grad_(), t.detach().float().requires_grad_()
+    temperature, n = kd.temperature_at(step), mask.sum()
+    ref_gs, ref_gt, ref_loss = torch.zeros_like(s32), torch.zeros_like(t32), 0.0
+    for name, w in kd.weights_at(step).items():
+        if name == "cross_entropy":
+            keep = mask & (labels != -100)
+            value = reference.cross_entropy(s32, labels)[keep].sum() / keep.sum()
+        else:
+            value = REFERENCE_TERMS[name](s32, t32, kd, temperature)[mask].sum() / n
+        g_s, g_t = torch.autograd.grad(w * value, (s32, t32), allow_unused=True)
+        ref_gs += g_s
+        ref_gt += 0.0 if g_t is None else g_t
+        ref_loss += w * value.item()
+        assert parts[name][1].item() == pytest.approx(value.item(), rel=1e-5)
+    assert loss.item() == pytest.approx(ref_loss, rel=1e-5)
+    for got, want in ((gs, ref_gs), (gt, ref_gt)):
+        # bf16 gradients: each element within two bf16 roundings of the reference, the whole
+        # within 0.4% in norm (one bf16 rounding is 2**-9 = 0.2% relative)
+        scale = want.abs().max().item()
+        torch.testing.assert_close(got.float(), want, rtol=2**-6, atol=2**-8 * scale)
+        assert ((got.float() - want).norm() / want.norm()).item() < 4e-3
+        assert (got[..., -2:] == 0).all()
 
 
 def test_default_config_is_the_documented_reconstruction():

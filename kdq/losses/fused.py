@@ -306,13 +306,22 @@ def _kernel(use_compile: bool):
     return _compiled_kernel
 
 
+def _compilation_failed(exc: Exception) -> None:
+    """Record a compilation failure (no more attempts in this process) and warn about it."""
+    global _compile_failed
+    _compile_failed = True
+    warnings.warn(f"kdq: torch.compile of the fused loss failed ({type(exc).__name__}: {str(exc)[:200]}); "
+                  "using the eager kernel", RuntimeWarning, stacklevel=4)
+
+
 def _sweep(s, t, labels, coef, temperature, alpha, head_mass, terms, rows, want_s, want_t, use_compile):
     """Run the kernel over row chunks; returns (values [N, n], grad_s | None, grad_t | None).
 
     With ``use_compile`` the last chunk is zero-padded to ``rows`` so that one compiled kernel
-    serves every batch size; on any compilation error the sweep falls back to eager, with a warning.
+    serves every batch size; on any compilation error (when wrapping the kernel or at its first
+    call) the sweep falls back to eager, with a warning, and nothing is compiled again in this
+    process.
     """
-    global _compile_failed
     dt = _compute_dtype(s)
     inv_t = torch.tensor(1.0 / temperature, dtype=dt, device=s.device)
     a = torch.tensor(alpha, dtype=dt, device=s.device)
@@ -321,7 +330,13 @@ def _sweep(s, t, labels, coef, temperature, alpha, head_mass, terms, rows, want_
     gs = torch.empty_like(s) if (want_s and coef is not None) else None
     gt = torch.empty_like(t) if (want_t and coef is not None) else None
     out = []
-    kernel = _kernel(use_compile)
+    try:
+        kernel = _kernel(use_compile)
+    except Exception as exc:  # noqa: BLE001 - torch.compile itself refused: fall back to eager
+        if not use_compile:
+            raise
+        _compilation_failed(exc)
+        return _sweep(s, t, labels, coef, temperature, alpha, head_mass, terms, rows, want_s, want_t, False)
     for i in range(0, n, rows):
         j = min(i + rows, n)
         cs, ct = s[i:j], t[i:j]
@@ -338,9 +353,7 @@ def _sweep(s, t, labels, coef, temperature, alpha, head_mass, terms, rows, want_
         except Exception as exc:  # noqa: BLE001 - any compiler failure falls back to eager
             if kernel is _chunk:
                 raise
-            _compile_failed = True
-            warnings.warn(f"kdq: torch.compile of the fused loss failed ({type(exc).__name__}: "
-                          f"{str(exc)[:200]}); using the eager kernel", RuntimeWarning, stacklevel=3)
+            _compilation_failed(exc)
             return _sweep(s, t, labels, coef, temperature, alpha, head_mass, terms, rows, want_s,
                           want_t, False)
         m = j - i
