@@ -13,8 +13,11 @@ A schedule maps a training step to a float: ``schedule(step) -> float``. Pieces:
   logistic ramp reaching 1.8% / 98.2% at the window's edges; ``"step"``: a hard switch).
 
 Every schedule is a frozen dataclass with a readable ``repr``; ``to_dict`` gives plain JSON data
-(``{"kind": ..., ...}``) and :func:`from_dict` rebuilds any registered kind (see :func:`register`).
-Steps may be fractional; schedules are stateless, so they are safe under gradient accumulation.
+(``{"kind": ..., ...}``) and :func:`from_dict` rebuilds any registered kind (see :func:`register`),
+refusing anything else with a :class:`ScheduleError` that names the key. ``lower_bound()`` states
+the lowest value over steps >= 0 (so that a loss weight that would go negative is refused before a
+run starts). Steps may be fractional; schedules are stateless, so they are safe under gradient
+accumulation.
 
 Example::
 
@@ -50,7 +53,7 @@ def register(cls: type[Schedule]) -> type[Schedule]:
 def _num(arg: str, value: Any, *, positive: bool = False, nonneg: bool = False) -> float:
     try:
         out = float(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         out = float("nan")
     if isinstance(value, bool) or not math.isfinite(out):
         raise bad_value(ScheduleError, arg, value, "a finite number")
@@ -73,6 +76,15 @@ class Schedule(ABC):
     @abstractmethod
     def __call__(self, step: float) -> float:
         """Value at ``step``."""
+
+    def lower_bound(self) -> float | None:
+        """A number no value at a step >= 0 falls below, or None when this kind cannot tell.
+
+        Exact for :class:`Constant` and the ramps; for :class:`Staged` the lowest of its pieces'
+        bounds (its value is a convex combination of the pieces). A kind registered without
+        overriding this returns None: only the values actually used are then checked.
+        """
+        return None
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON data: ``{"kind": ..., <fields>}`` (nested schedules as dicts)."""
@@ -108,6 +120,9 @@ class Constant(Schedule):
     def __call__(self, step: float) -> float:
         return self.value
 
+    def lower_bound(self) -> float:
+        return self.value
+
     def __repr__(self) -> str:
         return f"Constant({_fmt(self.value)})"
 
@@ -128,6 +143,10 @@ class _Ramp(Schedule):
     def progress(self, step: float) -> float:
         """Fraction of the ramp done at ``step``, clamped to [0, 1]."""
         return min(1.0, max(0.0, (float(step) - self.begin) / self.steps))
+
+    def lower_bound(self) -> float:
+        # monotone in the step: the extremes over steps >= 0 are the value at 0 and the end value
+        return min(self(0.0), self(self.begin + self.steps))
 
     def __repr__(self) -> str:
         a, b = _fmt(self.begin), _fmt(self.begin + self.steps)
@@ -216,6 +235,11 @@ class Staged(Schedule):
     kind: ClassVar[str] = "staged"
 
     def __post_init__(self) -> None:
+        if not isinstance(self.pieces, (list, tuple)):
+            raise bad_value(ScheduleError, "pieces", self.pieces, "a list of schedules (or numbers), one per stage")
+        if not isinstance(self.boundaries, (list, tuple)):
+            raise bad_value(ScheduleError, "boundaries", self.boundaries,
+                            "a list of increasing steps, one fewer than the pieces")
         pieces = tuple(as_schedule(p, "pieces[]") for p in self.pieces)
         bounds = tuple(_num("boundaries[]", b) for b in self.boundaries)
         if not pieces:
@@ -241,6 +265,10 @@ class Staged(Schedule):
     def __call__(self, step: float) -> float:
         return sum(w * p(step) for w, p in zip(self.stage_weights(step), self.pieces) if w)
 
+    def lower_bound(self) -> float | None:
+        bounds = [p.lower_bound() for p in self.pieces]
+        return None if any(b is None for b in bounds) else min(bounds)
+
     def to_dict(self) -> dict[str, Any]:
         return {"kind": self.kind, "pieces": [p.to_dict() for p in self.pieces],
                 "boundaries": list(self.boundaries), "transition": self.transition,
@@ -261,7 +289,7 @@ def as_schedule(value: Schedule | float | Mapping[str, Any], arg: str = "schedul
     if isinstance(value, Mapping):
         return from_dict(value)
     if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return Constant(float(value))
+        return Constant(value)
     raise bad_value(ScheduleError, arg, value, "a Schedule, a number or a schedule dict",
                     "e.g. Constant(1.0) or Cosine(2.0, 1.0, steps=1000)")
 
@@ -272,7 +300,7 @@ def from_dict(data: Mapping[str, Any]) -> Schedule:
         raise bad_value(ScheduleError, "data", data, "a dict with a 'kind' key",
                         "pass the output of Schedule.to_dict()")
     kind = data["kind"]
-    cls = _REGISTRY.get(kind)
+    cls = _REGISTRY.get(kind) if isinstance(kind, str) else None
     if cls is None:
         raise bad_value(ScheduleError, "kind", kind, f"one of {sorted(_REGISTRY)}",
                         close_matches(str(kind), _REGISTRY).strip())
@@ -281,10 +309,7 @@ def from_dict(data: Mapping[str, Any]) -> Schedule:
     unknown = [k for k in kwargs if k not in names]
     if unknown:
         raise bad_value(ScheduleError, f"{kind} key", unknown[0], f"one of {names}",
-                        close_matches(unknown[0], names).strip())
-    if cls is Staged:
-        kwargs["pieces"] = tuple(as_schedule(p, "pieces[]") for p in kwargs.get("pieces", ()))
-        kwargs["boundaries"] = tuple(kwargs.get("boundaries", ()))
+                        close_matches(str(unknown[0]), names).strip())
     try:
         return cls(**kwargs)
     except TypeError as exc:

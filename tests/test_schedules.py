@@ -133,6 +133,16 @@ def test_as_schedule():
         (lambda: from_dict({"kind": "linear", "start": 1, "end": 0, "stepz": 5}), "linear key"),
         (lambda: from_dict({"kind": "linear", "start": 1}), "linear"),
         (lambda: from_dict([1, 2]), "data"),
+        # raw TypeErrors before: 'int' object is not iterable, unhashable type: 'list'
+        (lambda: from_dict({"kind": "staged", "pieces": 5, "boundaries": []}), "pieces"),
+        (lambda: from_dict({"kind": "staged", "pieces": [1, 2], "boundaries": 5}), "boundaries"),
+        (lambda: from_dict({"kind": "staged", "pieces": {"kind": "constant", "value": 1}, "boundaries": []}),
+         "pieces"),
+        (lambda: Staged(5, ()), "pieces"),
+        (lambda: from_dict({"kind": ["linear"]}), "kind"),
+        # a JSON integer too large for a float: a raw OverflowError before
+        (lambda: from_dict({"kind": "constant", "value": 10**400}), "value"),
+        (lambda: as_schedule(10**400), "value"),
     ],
 )
 def test_errors(build, arg):
@@ -147,3 +157,56 @@ def test_unknown_kind_suggests_the_right_one():
         from_dict({"kind": "cosin"})
     with pytest.raises(ScheduleError, match="steps"):
         from_dict({"kind": "linear", "start": 1, "end": 0, "stepz": 5})
+
+
+def test_lower_bound():
+    assert Constant(-2.0).lower_bound() == -2.0
+    assert Linear(1.0, -1.0, 10).lower_bound() == -1.0  # decreases below zero
+    assert Cosine(0.5, 2.0, 100, begin=50).lower_bound() == 0.5
+    assert Exponential(2.0, 0.5, 100).lower_bound() == pytest.approx(0.5)
+    assert Linear(-1.0, 1.0, 10, begin=-100).lower_bound() == 1.0  # the ramp ended before step 0
+    assert Linear(-1.0, 1.0, 10, begin=-5).lower_bound() == pytest.approx(0.0)  # half-way at step 0
+    assert staged([1.0, Linear(0.5, -0.25, 10, begin=100)], [100], width=20).lower_bound() == -0.25
+
+
+@settings(max_examples=60, deadline=None)
+@given(ANY, st.lists(st.floats(0, 3e4), min_size=1, max_size=20))
+def test_prop_lower_bound_is_a_lower_bound(schedule, steps):
+    low = schedule.lower_bound()
+    assert all(schedule(x) >= low - 1e-9 * (1 + abs(low)) for x in steps + [0.0, 1e9])
+    if not isinstance(schedule, Staged):  # exact for the others: reached at step 0 or in the end
+        assert low == min(schedule(0.0), schedule(1e12))
+
+
+class _NoBound(Schedule):
+    """A kind that cannot state a bound (the default)."""
+
+    kind = "test_no_bound"
+
+    def __call__(self, step: float) -> float:
+        return 1.0
+
+
+def test_lower_bound_of_an_unknown_kind_is_none():
+    assert _NoBound().lower_bound() is None
+    assert Staged((Constant(1.0), _NoBound()), (5,)).lower_bound() is None
+
+
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers(-(10**400), 10**400) | st.floats() | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
+    max_leaves=8,
+)
+FIELDS = ["value", "start", "end", "steps", "begin", "pieces", "boundaries", "transition", "width"]
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.sampled_from(["constant", "linear", "cosine", "exponential", "staged", "cosin"]) | JSON,
+       st.dictionaries(st.sampled_from(FIELDS) | st.text(max_size=6), JSON, max_size=5))
+def test_prop_from_dict_refuses_garbage_with_schedule_error_only(kind, fields):
+    # a config file is user input: anything that is not a schedule is a ScheduleError naming a key
+    try:
+        out = from_dict({"kind": kind, **fields})
+    except ScheduleError:
+        return
+    assert isinstance(out, Schedule)

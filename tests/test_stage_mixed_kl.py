@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
+import warnings
+from dataclasses import dataclass
+from typing import ClassVar
 
 import pytest
 import torch
@@ -21,14 +25,14 @@ from kdq.losses import (
     StageMixedKL,
     StageMixedKLConfigError,
     TemperatureError,
-    adaptive_kl,
     forward_kl,
+    paper_config,
     reference,
     reverse_kl,
     skewed_forward_kl,
     skewed_reverse_kl,
 )
-from kdq.schedules import Constant, Linear
+from kdq.schedules import Constant, Cosine, Linear, Schedule, Staged
 
 PUBLIC = {"forward_kl": forward_kl, "reverse_kl": reverse_kl, "skewed_forward_kl": skewed_forward_kl,
           "skewed_reverse_kl": skewed_reverse_kl}
@@ -86,6 +90,154 @@ def test_fast_path_matches_naive_reference_composition(shape, dtype):
         assert_close(fast, naive)
         for a, b in zip(torch.autograd.grad(fast, (s, t)), torch.autograd.grad(naive, (s, t))):
             assert_close(a, b)
+
+
+ALL_TERMS = {"forward_kl": 0.5, "reverse_kl": 0.3, "skewed_forward_kl": 0.2, "skewed_reverse_kl": 0.4,
+             "adaptive_kl": 0.6, "cross_entropy": 0.7}
+
+
+def naive_loss_with_ce(kd: StageMixedKL, s, t, step, mask, labels):
+    """The reference composition plus the cross-entropy term (mean over counted, labelled positions)."""
+    weights = kd.weights_at(step)
+    ce_w = weights.pop("cross_entropy")
+    keep = mask & (labels != kd.ignore_index)
+    ce = reference.cross_entropy(s, labels, kd.ignore_index)
+    return (reference.naive_composition(s, t, weights, kd.temperature_at(step), kd.alpha, mask, kd.head_mass)
+            + ce_w * ce[keep].sum() / keep.sum())
+
+
+@pytest.mark.parametrize("w", [1.0, 0.37, -2.5])
+def test_gradients_follow_the_upstream_gradient(w):
+    # (w * loss).backward() for every term, head_mass != 0.5, student and teacher gradients, against
+    # the reference: the fused backward hands over its stored gradient when w == 1 and scales it
+    # otherwise; components() recomputes each chunk in its backward
+    shape = (2, 4, 7, 33)
+    kd = StageMixedKL(100, weights=ALL_TERMS, alpha=0.2, head_mass=0.35, chunk_elements=33 * 5)
+    mask = random_mask(shape[:-1], seed=47)
+    labels = torch.randint(0, 33, shape[:-1], generator=torch.Generator().manual_seed(48))
+    labels[:, :, 0] = -100
+    runs = {}
+    for how in ("forward", "components", "reference"):
+        s, t = logits(shape, seed=49, dtype=torch.float64), logits(shape, seed=50, dtype=torch.float64)
+        if how == "forward":
+            loss = kd(s, t, step=60, mask=mask, labels=labels)
+        elif how == "components":
+            loss = sum(wt * v for wt, v in kd.components(s, t, step=60, mask=mask, labels=labels).values())
+        else:
+            loss = naive_loss_with_ce(kd, s, t, 60, mask, labels)
+        (w * loss).backward()
+        runs[how] = (loss.detach(), s.grad, t.grad)
+    for how in ("forward", "components"):
+        for a, b in zip(runs[how], runs["reference"]):
+            assert_close(a, b)
+
+
+def test_gradient_accumulation_gives_the_full_batch_gradient():
+    # Micro-batches weighted by their share of the counted positions, accumulated into the same
+    # parameters ((loss * n_mb / n).backward(), as the example's training loop does), give the
+    # full batch's gradient: values and norm, student and teacher parameters, against the
+    # reference composition on the full batch. Equal micro-batches without a mask, each
+    # backpropagated with an upstream of 1 (the hand-over path), add up to k times the gradient.
+    g = torch.Generator().manual_seed(51)
+    x = torch.randn(5, 4, 6, 12, generator=g, dtype=torch.float64)
+    student = torch.nn.Linear(12, 40).double()
+    teacher = torch.nn.Linear(12, 40).double()
+    mask = delay_mask(5, 4, 6) & random_mask((5, 4, 6), seed=52)
+    labels = torch.randint(0, 40, (5, 4, 6), generator=g).masked_fill(~mask, -100)
+    kd = StageMixedKL(100, weights=ALL_TERMS, alpha=0.15, chunk_elements=40 * 9)
+    params = [*student.parameters(), *teacher.parameters()]
+    ref = naive_loss_with_ce(kd, student(x), teacher(x), 70, mask, labels)
+    want = torch.autograd.grad(ref, params)
+    n = int(mask.sum())
+    for p in params:
+        p.grad = None
+    for lo, hi in ((0, 1), (1, 4), (4, 5)):  # uneven micro-batches
+        mb = slice(lo, hi)
+        loss = kd(student(x[mb]), teacher(x[mb]), step=70, mask=mask[mb], labels=labels[mb])
+        (loss * (int(mask[mb].sum()) / n)).backward()
+    for p, w_ in zip(params, want):
+        assert_close(p.grad, w_)
+    norm = torch.sqrt(sum((p.grad**2).sum() for p in params))
+    assert norm.item() == pytest.approx(torch.sqrt(sum((w_**2).sum() for w_ in want)).item(), rel=1e-10)
+    assert norm > 0
+    full = kd(student(x[:4]), teacher(x[:4]), step=70, labels=labels[:4].clamp_min(0))
+    want = torch.autograd.grad(2.0 * full, params)
+    for p in params:
+        p.grad = None
+    for mb in (slice(0, 2), slice(2, 4)):
+        kd(student(x[mb]), teacher(x[mb]), step=70, labels=labels[mb].clamp_min(0)).backward()
+    for p, w_ in zip(params, want):
+        assert_close(p.grad, w_)
+
+
+REFERENCE_TERMS = {
+    "forward_kl": lambda s, t, kd, T: reference.forward_kl(s, t, T),
+    "reverse_kl": lambda s, t, kd, T: reference.reverse_kl(s, t, T),
+    "skewed_forward_kl": lambda s, t, kd, T: reference.skewed_forward_kl(s, t, kd.alpha, T),
+    "skewed_reverse_kl": lambda s, t, kd, T: reference.skewed_reverse_kl(s, t, kd.alpha, T),
+    "adaptive_kl": lambda s, t, kd, T: reference.adaptive_kl(s, t, kd.head_mass, T),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (shutil.which("c++") or shutil.which("g++")),
+                    reason="torch.compile on CPU needs a C++ compiler (the kernel falls back to eager)")
+def test_compiled_kernel_at_the_mini_preset_size(monkeypatch):
+    # What real runs execute: compile="auto" on bf16 (autocast) logits of the mini preset's size,
+    # [8 clips, 4 codebooks, 203 frames, 1024 codes] = 6.65M elements >= 2**22, the delay-pattern
+    # mask, every term including cross-entropy, the teacher's gradient too, two padded vocabulary
+    # entries at -inf in both; against the reference term by term (fp32 leaves holding the same
+    # values). About 40 s on a 2-core CPU, most of it the two compilations.
+    from torch._dynamo.utils import counters
+
+    from kdq.losses import fused
+
+    monkeypatch.setattr(fused, "_compiled_kernel", None)
+    monkeypatch.setattr(fused, "_compile_failed", False)
+    monkeypatch.delenv("KDQ_COMPILE", raising=False)
+    b, k, frames, v = 8, 4, 203, 1024
+    s = logits((b, k, frames, v), seed=90, dtype=torch.bfloat16, grad=False)
+    t = logits((b, k, frames, v), seed=91, dtype=torch.bfloat16, grad=False)
+    s[..., -2:] = float("-inf")
+    t[..., -2:] = float("-inf")
+    s.requires_grad_()
+    t.requires_grad_()
+    mask = delay_mask(b, k, frames) & random_mask((b, k, frames), seed=92, p=0.1)
+    labels = torch.randint(0, v - 2, (b, k, frames), generator=torch.Generator().manual_seed(93)).masked_fill(~mask, -100)
+    kd = StageMixedKL(300, weights=ALL_TERMS)
+    assert kd.compile == "auto" and s.numel() >= 1 << 22
+    step = 120
+    graphs = counters["stats"]["unique_graphs"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # a fallback to eager would hide the compile
+        loss = kd(s, t, step=step, mask=mask, labels=labels)
+        gs, gt = torch.autograd.grad(loss, (s, t))
+        with torch.no_grad():  # how the training loop logs them
+            parts = kd.components(s, t, step=step, mask=mask, labels=labels)
+    assert counters["stats"]["unique_graphs"] >= graphs + 2 and not fused._compile_failed
+    assert gs.dtype == gt.dtype == torch.bfloat16
+    s32, t32 = s.detach().float().requires_grad_(), t.detach().float().requires_grad_()
+    temperature, n = kd.temperature_at(step), mask.sum()
+    ref_gs, ref_gt, ref_loss = torch.zeros_like(s32), torch.zeros_like(t32), 0.0
+    for name, w in kd.weights_at(step).items():
+        if name == "cross_entropy":
+            keep = mask & (labels != -100)
+            value = reference.cross_entropy(s32, labels)[keep].sum() / keep.sum()
+        else:
+            value = REFERENCE_TERMS[name](s32, t32, kd, temperature)[mask].sum() / n
+        g_s, g_t = torch.autograd.grad(w * value, (s32, t32), allow_unused=True)
+        ref_gs += g_s
+        ref_gt += 0.0 if g_t is None else g_t
+        ref_loss += w * value.item()
+        assert parts[name][1].item() == pytest.approx(value.item(), rel=1e-5)
+    assert loss.item() == pytest.approx(ref_loss, rel=1e-5)
+    for got, want in ((gs, ref_gs), (gt, ref_gt)):
+        # bf16 gradients: each element within two bf16 roundings of the reference, the whole
+        # within 0.4% in norm (one bf16 rounding is 2**-9 = 0.2% relative)
+        scale = want.abs().max().item()
+        torch.testing.assert_close(got.float(), want, rtol=2**-6, atol=2**-8 * scale)
+        assert ((got.float() - want).norm() / want.norm()).item() < 4e-3
+        assert (got[..., -2:] == 0).all()
 
 
 def test_default_config_is_the_documented_reconstruction():
@@ -175,13 +327,20 @@ def test_cross_entropy_on_labels_with_ignore_index():
     assert_close(torch.autograd.grad(loss, s)[0], torch.autograd.grad(ref, s)[0])
 
 
-def test_adaptive_component():
+def test_adaptive_component_against_the_reference():
+    # head_mass 0.4 against the reference written from the definition (it compared the fast path
+    # with itself), forward and components, values and gradients
     shape = (2, 2, 5, 16)
-    s, t = logits(shape, seed=19), logits(shape, seed=20)
-    kd = StageMixedKL(10, weights={"adaptive_kl": 1.0}, temperature=1.0, head_mass=0.4)
+    s, t = logits(shape, seed=19, dtype=torch.float64), logits(shape, seed=20, dtype=torch.float64)
+    kd = StageMixedKL(10, weights={"adaptive_kl": 1.0}, temperature=1.7, t2_scale=False, head_mass=0.4)
+    want = reference.adaptive_kl(s, t, 0.4, 1.7).mean()
     (w, v), = kd.components(s, t, step=0).values()
-    assert torch.allclose(v, adaptive_kl(s, t, head_mass=0.4))
-    assert torch.allclose(kd(s, t, step=0), v)
+    loss = kd(s, t, step=0)
+    assert w == 1.0
+    for got in (v, loss):
+        assert_close(got, want)
+        for a, b in zip(torch.autograd.grad(got, (s, t)), torch.autograd.grad(want, (s, t), retain_graph=True)):
+            assert_close(a, b)
 
 
 def test_stateless_in_step():
@@ -246,6 +405,61 @@ def test_masked_positions_get_zero_gradient_and_half_inputs_are_finite():
     assert empty.item() == 0.0
 
 
+def test_neg_inf_logits_banned_entries():
+    shape = (2, 4, 6, 20)
+    mask = delay_mask(2, 4, 6)
+    kd = StageMixedKL(1000, weights={**{n: w for n, w in paper_config(1000)["weights"].items()},
+                                      "adaptive_kl": 0.3, "cross_entropy": 0.5})
+    labels = torch.randint(0, 17, shape[:-1], generator=torch.Generator().manual_seed(42))
+    s0 = logits(shape, seed=40, dtype=torch.float64, grad=False)
+    t0 = logits(shape, seed=41, dtype=torch.float64, grad=False)
+    # The same entries banned in both (padded vocabulary): the loss is the loss over the other 17
+    # entries, and the banned entries get exactly zero gradient, at every stage.
+    s = s0.clone().index_fill_(-1, torch.arange(17, 20), float("-inf")).requires_grad_()
+    t = t0.clone().index_fill_(-1, torch.arange(17, 20), float("-inf")).requires_grad_()
+    s17, t17 = s0[..., :17].clone().requires_grad_(), t0[..., :17].clone().requires_grad_()
+    for step in (0, 500, 1000):
+        loss = kd(s, t, step=step, mask=mask, labels=labels)
+        want = kd(s17, t17, step=step, mask=mask, labels=labels)
+        assert_close(loss, want)
+        (gs, gt), (ws, wt) = torch.autograd.grad(loss, (s, t)), torch.autograd.grad(want, (s17, t17))
+        assert_close(gs[..., :17], ws)
+        assert_close(gt[..., :17], wt)
+        assert (gs[..., 17:] == 0).all() and (gt[..., 17:] == 0).all()
+    # Banned in the teacher only: KL(q || p) is +inf. At step 0 the reverse terms have weight 0,
+    # so the loss and its gradients are the other terms' (0 * inf = 0), equal to the reference
+    # composition; once reverse KL has weight the loss is +inf and the student's gradient on the
+    # counted positions is NaN (it has no finite limit), while the teacher's stays finite.
+    kd = StageMixedKL(1000)
+    t = t0.clone().index_fill_(-1, torch.arange(17, 20), float("-inf")).requires_grad_()
+    s = s0.clone().requires_grad_()
+    assert kd.weights_at(0)["reverse_kl"] == 0 and kd.weights_at(0)["skewed_reverse_kl"] == 0
+    loss = kd(s, t, step=0, mask=mask)
+    naive = naive_loss(kd, s, t, 0, mask)
+    assert torch.isfinite(loss)
+    assert_close(loss, naive)
+    for a, b in zip(torch.autograd.grad(loss, (s, t)), torch.autograd.grad(naive, (s, t))):
+        assert torch.isfinite(a).all()
+        assert_close(a, b)
+    late = kd(s, t, step=900, mask=mask)
+    assert late == float("inf")
+    gs, gt = torch.autograd.grad(late, (s, t))
+    assert torch.isnan(gs[mask]).all() and (gs[~mask] == 0).all()
+    assert torch.isfinite(gt).all()
+
+
+def test_tiny_temperatures_are_refused_not_a_zero_loss():
+    # the reproduction: at T = 1e-39 the T**2 weight underflowed to 0 and the loss was exactly 0
+    s, t = logits((2, 4, 5, 10), seed=43), logits((2, 4, 5, 10), seed=44)
+    for T in (1e-39, 5e-324):
+        _err(TemperatureError, "temperature", lambda: StageMixedKL(10, temperature=T)(s, t, step=0))
+    # 1/T is finite but T**2 is below float32's range: the T**2 weight would round to 0
+    msg = _err(TemperatureError, "temperature", lambda: StageMixedKL(10, temperature=1e-20)(s, t, step=0))
+    assert "t2_scale" in msg
+    loss = StageMixedKL(10, temperature=1e-20, t2_scale=False)(s, t, step=0)
+    assert not torch.isnan(loss) and loss > 0
+
+
 @settings(max_examples=20, deadline=None)
 @given(st.integers(1, 3), st.integers(1, 4), st.integers(1, 6), st.integers(2, 30), st.integers(0, 2**31 - 1),
        st.floats(0, 1200), st.floats(0.0, 0.9))
@@ -265,6 +479,7 @@ def _err(exc_type, arg, fn):
         fn()
     assert isinstance(info.value, KdqError) and isinstance(info.value, ValueError)
     assert arg in str(info.value)
+    return str(info.value)
 
 
 def test_errors():
@@ -285,8 +500,10 @@ def test_errors():
     _err(StageMixedKLConfigError, "step", lambda: kd(s, t, step=-1))
     _err(StageMixedKLConfigError, "step", lambda: kd(s, t, step=float("nan")))
     _err(LogitsShapeError, "teacher_logits", lambda: kd(s, t[..., :9], step=0))
+    empty = torch.zeros(2, 4, 5, 0)  # V = 0 raised a raw RuntimeError from reshape
+    _err(LogitsShapeError, "student_logits", lambda: kd(empty, empty, step=0))
     _err(MaskError, "mask", lambda: kd(s, t, step=0, mask=torch.ones(2, 4, 5, 10, dtype=torch.bool)))
-    _err(TemperatureError, "temperature", lambda: StageMixedKL(10, temperature=Linear(1.0, -1.0, 10))(s, t, step=9))
+    _err(TemperatureError, "temperature", lambda: StageMixedKL(10, temperature=Linear(1.0, -1.0, 10)))
     _err(LogitsShapeError, "codebook_weights", lambda: StageMixedKL(10, codebook_weights=[1, 1, 1])(s, t, step=0))
     ce = StageMixedKL(10, weights={"cross_entropy": 1.0})
     _err(StageMixedKLConfigError, "labels", lambda: ce(s, t, step=0))
@@ -294,6 +511,80 @@ def test_errors():
     _err(LogitsShapeError, "labels", lambda: ce(s, t, step=0, labels=bad))
     _err(LogitsShapeError, "labels", lambda: ce(s, t, step=0, labels=torch.zeros(2, 4, dtype=torch.long)))
     _err(MaskError, "labels", lambda: ce(s, t, step=0, labels=torch.zeros(2, 4, 5)))
-    tw = StageMixedKL(10, time_weighting=Linear(1.0, -1.0, 2))
-    _err(StageMixedKLConfigError, "time_weighting", lambda: tw(s, t, step=0))
+    _err(StageMixedKLConfigError, "time_weighting", lambda: StageMixedKL(10, time_weighting=Linear(1.0, -1.0, 2)))
+    _err(TemperatureError, "temperature", lambda: StageMixedKL(10, temperature=Linear(1.0, 0.0, 10)))
     assert math.isfinite(StageMixedKL(10)(s, t, step=10**6).item())  # past the end: schedules hold
+
+
+@pytest.mark.parametrize(
+    "weight",
+    [-1.0, Constant(-0.1), Linear(1.0, -1.0, 10), Cosine(0.5, -0.5, 100, begin=20),
+     Staged((Constant(1.0), Linear(0.5, -0.2, 10, begin=5)), (5,), width=2),
+     {"kind": "linear", "start": 0.2, "end": -0.2, "steps": 4}],
+    ids=["number", "constant", "linear", "cosine", "staged", "dict"],
+)
+def test_negative_weight_schedules_are_refused(weight):
+    # the reproduction: weights={"forward_kl": -1.0} (or a schedule that decreases below zero)
+    # was accepted and the loss maximised the divergence
+    msg = _err(StageMixedKLConfigError, "weights['reverse_kl']",
+               lambda: StageMixedKL(10, weights={"forward_kl": 1.0, "reverse_kl": weight}))
+    assert ">= 0" in msg
+    _err(StageMixedKLConfigError, "weights['reverse_kl']",
+         lambda: StageMixedKL.from_dict({"total_steps": 10, "weights": {"reverse_kl": weight}}))
+
+
+@dataclass(frozen=True, repr=False)
+class _Dip(Schedule):
+    """A kind with no stated lower bound that goes negative from step 5."""
+
+    kind: ClassVar[str] = "test_dip"
+
+    def __call__(self, step: float) -> float:
+        return 1.0 if step < 5 else -0.5
+
+
+def test_negative_weight_at_a_step_is_refused_when_no_bound_is_known():
+    s, t = logits((2, 3, 4, 8), seed=45), logits((2, 3, 4, 8), seed=46)
+    kd = StageMixedKL(10, weights={"forward_kl": 1.0, "skewed_forward_kl": _Dip()})
+    assert torch.isfinite(kd(s, t, step=4))
+    msg = _err(StageMixedKLConfigError, "weights['skewed_forward_kl'] at step 5", lambda: kd(s, t, step=5))
+    assert "-0.5" in msg
+    _err(StageMixedKLConfigError, "weights['skewed_forward_kl'] at step 7", lambda: kd.weights_at(7))
+    _err(StageMixedKLConfigError, "weights['skewed_forward_kl'] at step 6", lambda: kd.components(s, t, step=6))
+
+
+def test_from_dict_with_a_bad_staged_schedule_names_the_key():
+    bad = {"kind": "staged", "pieces": 5, "boundaries": []}
+    _err(StageMixedKLConfigError, "pieces", lambda: StageMixedKL.from_dict({"total_steps": 10, "weights": {"forward_kl": bad}}))
+    _err(StageMixedKLConfigError, "pieces", lambda: StageMixedKL.from_dict({"total_steps": 10, "temperature": bad}))
+
+
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers(-5, 10**6) | st.floats() | st.text(max_size=6),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
+    max_leaves=6,
+)
+CONFIG_VALUES = {
+    "weights": st.dictionaries(st.sampled_from(["forward_kl", "reverse_kl", "forward_k"]),
+                               JSON | st.floats(-1, 1), max_size=3) | JSON,
+    "temperature": JSON | st.floats(-1, 3),
+    "alpha": JSON,
+    "t2_scale": JSON,
+    "head_mass": JSON,
+    "ignore_index": JSON,
+    "codebook_weights": JSON,
+    "time_weighting": JSON,
+    "chunk_elements": JSON,
+    "compile": JSON,
+}
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.integers(-2, 100) | JSON, st.fixed_dictionaries({}, optional=CONFIG_VALUES))
+def test_prop_from_dict_refuses_garbage_with_typed_errors_only(total_steps, config):
+    # a config file is user input: anything that is not a valid config is a KdqError
+    try:
+        kd = StageMixedKL.from_dict({"total_steps": total_steps, **config})
+    except KdqError:
+        return
+    assert StageMixedKL.from_dict(json.loads(json.dumps(kd.to_dict()))).to_dict() == kd.to_dict()

@@ -35,6 +35,10 @@ from kdq.losses.errors import (
 
 REDUCTIONS = ("none", "sum", "mean")
 
+#: The smallest temperature accepted: the smallest normal float32 (about 1.18e-38). Below it
+#: ``1 / T`` overflows float32 (or ``T`` is subnormal) and the softened logits are meaningless.
+MIN_TEMPERATURE = float(torch.finfo(torch.float32).tiny)
+
 
 # ---------------------------------------------------------------------------------------------
 # validation
@@ -42,10 +46,15 @@ REDUCTIONS = ("none", "sum", "mean")
 
 
 def check_logits(student: torch.Tensor, teacher: torch.Tensor | None = None) -> None:
-    """Raise :class:`LogitsShapeError` unless the logits are floating ``[..., V]`` of equal shape."""
+    """Raise :class:`LogitsShapeError` unless the logits are floating ``[..., V]`` (``V >= 1``) of
+    equal shape."""
     if not isinstance(student, torch.Tensor) or not student.is_floating_point() or student.ndim < 1:
         raise bad_value(LogitsShapeError, "student_logits", _describe(student),
                         "a floating-point tensor [..., V]", "pass the model's raw logits")
+    if student.shape[-1] == 0:
+        raise bad_value(LogitsShapeError, "student_logits", _describe(student),
+                        "a vocabulary axis of V >= 1 entries (the last axis)",
+                        "pass logits over the vocabulary, not an empty slice")
     if teacher is None:
         return
     if not isinstance(teacher, torch.Tensor) or not teacher.is_floating_point():
@@ -64,13 +73,15 @@ def check_logits(student: torch.Tensor, teacher: torch.Tensor | None = None) -> 
 
 
 def check_temperature(temperature: float, arg: str = "temperature") -> float:
-    """Return ``temperature`` as a float, or raise :class:`TemperatureError` unless finite and > 0."""
+    """Return ``temperature`` as a float, or raise :class:`TemperatureError` unless it is finite and
+    at least :data:`MIN_TEMPERATURE`."""
+    allowed = f"a finite number >= {MIN_TEMPERATURE:g} (below it 1/T overflows float32)"
     try:
         value = float(temperature)
-    except (TypeError, ValueError):
-        raise bad_value(TemperatureError, arg, temperature, "a finite number > 0") from None
-    if not math.isfinite(value) or value <= 0.0:
-        raise bad_value(TemperatureError, arg, temperature, "a finite number > 0",
+    except (TypeError, ValueError, OverflowError):
+        raise bad_value(TemperatureError, arg, temperature, allowed) from None
+    if not math.isfinite(value) or value < MIN_TEMPERATURE:
+        raise bad_value(TemperatureError, arg, temperature, allowed,
                         "1.0 leaves the logits unchanged; larger values soften both distributions")
     return value
 

@@ -32,6 +32,17 @@ cross-entropy (T = 1)     softmax(s) - onehot(label)        0
 The KL rows are then divided by ``T`` (chain rule through ``x = logits / T``). Adaptive KL uses
 head/tail ratios computed without gradient, so it adds to the KL(p||q) and KL(q||p) coefficients.
 Computation is float32 at least (float64 stays float64) whatever the input dtype.
+
+``-inf`` logits (banned or padded vocabulary entries) have probability 0 and ``0 log 0 = 0``: every
+product of a probability with a log-ratio is taken as 0 where the probability is 0, by a
+``torch.where`` inside the existing passes (no extra pass over the logits). A KL whose second
+distribution is 0 where the first is not is ``+inf``. For such a row (with a non-zero coefficient)
+the gradient with respect to the logits whose ``-inf`` causes it stays the finite limit (``q - p``
+for the student of KL(p||q), as ``F.kl_div`` gives), and the gradient with respect to the other
+logits, which has no finite limit, is NaN on that row. In the gradient, log-ratios that are
+infinite are replaced by 0 so that an infinite term with coefficient 0 contributes exactly 0.
+Logits are shifted by their row maximum before the multiplication by ``1 / T``, so a tiny ``T``
+sends the non-maximal entries to ``-inf`` (their limit) instead of overflowing to NaN.
 """
 
 from __future__ import annotations
@@ -86,15 +97,20 @@ def _chunk(
     sf = skew and "skewed_forward_kl" in terms
     sr = skew and "skewed_reverse_kl" in terms
     if need_kl:
-        ls, q = _log_softmax_and_softmax(s.to(dt) * inv_t)
-        lt, p = _log_softmax_and_softmax(t.to(dt) * inv_t)
+        ls, q = _log_softmax_and_softmax(s.to(dt), inv_t)
+        lt, p = _log_softmax_and_softmax(t.to(dt), inv_t)
+        # 0 log 0 = 0: where a probability is 0 (a -inf logit) its log-ratios count as 0
+        if need_f or sf:
+            on_p = p > 0
+        if need_r or sr:
+            on_q = q > 0
         if need_f or need_r:
-            d = ls - lt
+            d = ls - lt  # +-inf where one side is -inf, NaN where both are
         if need_f:
-            fkl = -_dot(p, d)
+            fkl = -_dot(p, torch.where(on_p, d, 0.0))  # +inf where q = 0 < p
             vals["forward_kl"] = fkl
         if need_r:
-            rkl = _dot(q, d)
+            rkl = _dot(q, torch.where(on_q, d, 0.0))  # +inf where p = 0 < q
             vals["reverse_kl"] = rkl
         if "adaptive_kl" in terms:
             p_sorted, order = p.sort(dim=-1, descending=True)
@@ -105,17 +121,19 @@ def _chunk(
             safe = total > 0
             w_head = torch.where(safe, g_head / torch.where(safe, total, 1.0), 0.5)
             w_tail = 1.0 - w_head
-            vals["adaptive_kl"] = w_head * fkl + w_tail * rkl
+            # a weight of exactly 0 on an infinite KL contributes 0
+            vals["adaptive_kl"] = (torch.where(w_head > 0, w_head * fkl, 0.0)
+                                   + torch.where(w_tail > 0, w_tail * rkl, 0.0))
         if sf:
             m = torch.lerp(q, p, alpha).clamp_min_(tiny)  # alpha p + (1 - alpha) q
-            ltm = lt - m.log()
+            ltm = torch.where(on_p, lt - m.log(), 0.0)  # finite: m >= alpha p
             sfkl = _dot(p, ltm)
             vals["skewed_forward_kl"] = sfkl
         elif "skewed_forward_kl" in terms:
             vals["skewed_forward_kl"] = fkl
         if sr:
             n_ = torch.lerp(p, q, alpha).clamp_min_(tiny)  # alpha q + (1 - alpha) p
-            lsn = ls - n_.log()
+            lsn = torch.where(on_q, ls - n_.log(), 0.0)
             srkl = _dot(q, lsn)
             vals["skewed_reverse_kl"] = srkl
         elif "skewed_reverse_kl" in terms:
@@ -123,7 +141,7 @@ def _chunk(
     if "cross_entropy" in terms:
         if labels is None:  # internal invariant: callers pass labels with this term
             raise RuntimeError("cross_entropy needs labels")
-        l1, q1 = _log_softmax_and_softmax(s.to(dt))
+        l1, q1 = _log_softmax_and_softmax(s.to(dt), None)
         vals["cross_entropy"] = -l1.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
     values = torch.stack([vals[n] for n in terms], dim=-1)
     if coef is None:
@@ -131,6 +149,7 @@ def _chunk(
 
     c = {n: coef[:, i : i + 1].to(dt) for i, n in enumerate(terms)}
     gs = gt = None
+    bad_s = bad_t = None  # rows whose gradient has no finite limit (see the module docstring)
     if need_kl:
         # d/dx_s = q * (sum_k a_k X_k + row) - c_f p ;  d/dx_t = p * (sum_k b_k Y_k + t_row) - c_r q
         # with per-row coefficients a_k, b_k, row, t_row (see the table in the module docstring);
@@ -147,14 +166,22 @@ def _chunk(
         s_terms: list[tuple[torch.Tensor, torch.Tensor]] = []
         t_terms: list[tuple[torch.Tensor, torch.Tensor]] = []
         row = t_row = None
+        if need_f or need_r:
+            # infinite log-ratios as 0, so that an infinite KL with coefficient 0 adds exactly 0;
+            # a row where it has a non-zero coefficient is marked bad and filled with NaN below
+            d_fin = torch.where(d.isfinite(), d, 0.0)
         if c_f is not None:
             row = c_f
             if want_grad_t:
-                t_row = -c_f * fkl.unsqueeze(-1)
-                t_terms.append((-c_f, d))
+                inf_f = fkl.isinf().unsqueeze(-1)
+                bad_t = inf_f & (c_f != 0)
+                t_row = -c_f * torch.where(inf_f, 0.0, fkl.unsqueeze(-1))
+                t_terms.append((-c_f, d_fin))
         if c_r is not None:
-            row = _add(row, -c_r * rkl.unsqueeze(-1))
-            s_terms.append((c_r, d))
+            inf_r = rkl.isinf().unsqueeze(-1)
+            bad_s = inf_r & (c_r != 0)
+            row = _add(row, -c_r * torch.where(inf_r, 0.0, rkl.unsqueeze(-1)))
+            s_terms.append((c_r, d_fin))
             if want_grad_t:
                 t_row = _add(t_row, c_r)
         if sf:
@@ -183,20 +210,33 @@ def _chunk(
         g_ce = (q1 * c_ce).scatter_add_(-1, labels.unsqueeze(-1), -c_ce)
         gs = g_ce if gs is None else gs.add_(g_ce)
     live = coef.ne(0).any(-1, keepdim=True)  # rows whose gradient is not exactly zero
-    gs = gs.masked_fill_(~live, 0.0).to(s.dtype)
+    gs = _finish(gs, live, bad_s).to(s.dtype)
     if want_grad_t:
-        gt = torch.zeros_like(t) if gt is None else gt.masked_fill_(~live, 0.0).to(t.dtype)
+        gt = torch.zeros_like(t) if gt is None else _finish(gt, live, bad_t).to(t.dtype)
     return values, gs, gt
 
 
-def _log_softmax_and_softmax(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(log_softmax(x), softmax(x))`` over the last axis with one ``exp`` per element.
+def _finish(g: torch.Tensor, live: torch.Tensor, bad: torch.Tensor | None) -> torch.Tensor:
+    """``g`` with rows that are not ``live`` set to 0 and ``bad`` rows (``[R, 1]``) to NaN."""
+    if bad is None:
+        return g.masked_fill_(~live, 0.0)
+    fill = torch.where(bad, float("nan"), 0.0).to(g.dtype)
+    return torch.where(live & ~bad, g, fill)
 
-    ``softmax`` is the stored ``exp(x - max)`` divided by its row sum rather than ``exp`` of the
-    log-softmax: the exponentials dominate this kernel's arithmetic (on this project's CPUs the
-    compiled kernel ran about 20% faster with one ``exp`` per element than with two).
+
+def _log_softmax_and_softmax(x: torch.Tensor, inv_t: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(log_softmax(x * inv_t), softmax(x * inv_t))`` over the last axis with one ``exp`` per element.
+
+    The row maximum is subtracted before the multiplication by ``inv_t`` (``1 / T``), so that a
+    tiny temperature cannot overflow a logit to ``+inf``: entries far below the maximum go to
+    ``-inf``, their limit. ``softmax`` is the stored ``exp(x - max)`` divided by its row sum rather
+    than ``exp`` of the log-softmax: the exponentials dominate this kernel's arithmetic (on this
+    project's CPUs the compiled kernel ran about 20% faster with one ``exp`` per element than with
+    two).
     """
     shifted = x - x.amax(dim=-1, keepdim=True)
+    if inv_t is not None:
+        shifted = shifted * inv_t
     e = shifted.exp()
     z = e.sum(dim=-1, keepdim=True)
     return shifted - z.log(), e / z
@@ -266,13 +306,22 @@ def _kernel(use_compile: bool):
     return _compiled_kernel
 
 
+def _compilation_failed(exc: Exception) -> None:
+    """Record a compilation failure (no more attempts in this process) and warn about it."""
+    global _compile_failed
+    _compile_failed = True
+    warnings.warn(f"kdq: torch.compile of the fused loss failed ({type(exc).__name__}: {str(exc)[:200]}); "
+                  "using the eager kernel", RuntimeWarning, stacklevel=4)
+
+
 def _sweep(s, t, labels, coef, temperature, alpha, head_mass, terms, rows, want_s, want_t, use_compile):
     """Run the kernel over row chunks; returns (values [N, n], grad_s | None, grad_t | None).
 
     With ``use_compile`` the last chunk is zero-padded to ``rows`` so that one compiled kernel
-    serves every batch size; on any compilation error the sweep falls back to eager, with a warning.
+    serves every batch size; on any compilation error (when wrapping the kernel or at its first
+    call) the sweep falls back to eager, with a warning, and nothing is compiled again in this
+    process.
     """
-    global _compile_failed
     dt = _compute_dtype(s)
     inv_t = torch.tensor(1.0 / temperature, dtype=dt, device=s.device)
     a = torch.tensor(alpha, dtype=dt, device=s.device)
@@ -281,7 +330,13 @@ def _sweep(s, t, labels, coef, temperature, alpha, head_mass, terms, rows, want_
     gs = torch.empty_like(s) if (want_s and coef is not None) else None
     gt = torch.empty_like(t) if (want_t and coef is not None) else None
     out = []
-    kernel = _kernel(use_compile)
+    try:
+        kernel = _kernel(use_compile)
+    except Exception as exc:  # noqa: BLE001 - torch.compile itself refused: fall back to eager
+        if not use_compile:
+            raise
+        _compilation_failed(exc)
+        return _sweep(s, t, labels, coef, temperature, alpha, head_mass, terms, rows, want_s, want_t, False)
     for i in range(0, n, rows):
         j = min(i + rows, n)
         cs, ct = s[i:j], t[i:j]
@@ -298,9 +353,7 @@ def _sweep(s, t, labels, coef, temperature, alpha, head_mass, terms, rows, want_
         except Exception as exc:  # noqa: BLE001 - any compiler failure falls back to eager
             if kernel is _chunk:
                 raise
-            _compile_failed = True
-            warnings.warn(f"kdq: torch.compile of the fused loss failed ({type(exc).__name__}: "
-                          f"{str(exc)[:200]}); using the eager kernel", RuntimeWarning, stacklevel=3)
+            _compilation_failed(exc)
             return _sweep(s, t, labels, coef, temperature, alpha, head_mass, terms, rows, want_s,
                           want_t, False)
         m = j - i
@@ -338,7 +391,9 @@ class _LossFn(torch.autograd.Function):
         want_s, want_t = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         values, gs, gt = _sweep(s, t, labels, coef, temperature, alpha, head_mass, terms, rows,
                                 want_s, want_t, use_compile)
-        ctx.save_for_backward(gs, gt)
+        # Not save_for_backward: the first backward takes these over (see backward), so that no
+        # saved tensor shares memory with a .grad that the caller may then change in place.
+        ctx.grads = (gs, gt)
         ctx.mark_non_differentiable(values)
         # masked rows (coef 0) may hold non-finite values: they must not reach the loss
         weighted = torch.where(coef != 0, coef.to(values.dtype) * values, 0.0)
@@ -346,7 +401,13 @@ class _LossFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, gloss, _gvalues):  # type: ignore[override]
-        gs, gt = ctx.saved_tensors
+        if ctx.grads is None:
+            raise RuntimeError(
+                "kdq: backward through a fused distillation loss a second time: its gradient is computed "
+                "in the forward pass and released by the first backward (retain_graph=True does not keep "
+                "it); compute the loss again for another backward")
+        gs, gt = ctx.grads
+        ctx.grads = None
         if bool(gloss == 1):  # the usual loss.backward(): hand over the stored gradient, no copy
             return gs, gt, None, None, None, None, None, None, None, None
         gs = None if gs is None else gs * gloss.to(gs.dtype)
@@ -398,8 +459,9 @@ def kd_loss(
     """``(sum(coef * values), values)`` with ``coef`` and ``values`` of shape ``[..., len(terms)]``.
 
     ``coef`` is treated as a constant (no gradient flows into it). The gradient with respect to the
-    logits is computed during this call, in the same sweep, and stored until backward; ``values``
-    carries no gradient.
+    logits is computed during this call, in the same sweep, and stored until backward, which
+    releases it (handing it over as is when the upstream gradient is 1): one backward per call, a
+    second one through a retained graph raises ``RuntimeError``. ``values`` carries no gradient.
     """
     lead = student.shape[:-1]
     s, t = _flat(student), _flat(teacher)

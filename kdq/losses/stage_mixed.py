@@ -25,9 +25,11 @@ from torch import nn
 
 from kdq.errors import bad_value, close_matches
 from kdq.losses import fused
-from kdq.losses.divergences import check_alpha, check_logits, check_mask, check_temperature
-from kdq.losses.errors import LogitsShapeError, MaskError, StageMixedKLConfigError
+from kdq.losses.divergences import MIN_TEMPERATURE, check_alpha, check_logits, check_mask, check_temperature
+from kdq.losses.errors import LogitsShapeError, MaskError, StageMixedKLConfigError, TemperatureError
 from kdq.schedules import Constant, Cosine, Schedule, ScheduleError, Staged, as_schedule
+
+_F32_TINY = float(torch.finfo(torch.float32).tiny)
 
 #: Components StageMixedKL knows, in the order they are computed and printed.
 COMPONENTS = fused.TERMS
@@ -150,9 +152,14 @@ class StageMixedKL(nn.Module):
                                 close_matches(str(name), COMPONENTS).strip())
         for name in COMPONENTS:  # canonical order
             if name in raw:
-                self.weights[name] = _schedule(raw[name], f"weights[{name!r}]")
+                self.weights[name] = _nonnegative(_schedule(raw[name], f"weights[{name!r}]"), f"weights[{name!r}]")
         self.temperature = _schedule(default["temperature"] if temperature is None else temperature,
                                      "temperature")
+        low = self.temperature.lower_bound()
+        if low is not None and not low >= MIN_TEMPERATURE:
+            raise bad_value(TemperatureError, "temperature", self.temperature,
+                            f"a schedule >= {MIN_TEMPERATURE:g} at every step (this one goes down to {low:g})",
+                            "end the annealing at a positive temperature, e.g. 1.0")
         self._alpha = check_alpha(alpha)
         if not isinstance(t2_scale, bool):
             raise bad_value(StageMixedKLConfigError, "t2_scale", t2_scale, "True or False")
@@ -165,7 +172,8 @@ class StageMixedKL(nn.Module):
             raise bad_value(StageMixedKLConfigError, "ignore_index", ignore_index, "an int")
         self.ignore_index = ignore_index
         self.codebook_weights = None if codebook_weights is None else _codebook_weights(codebook_weights)
-        self.time_weighting = None if time_weighting is None else _schedule(time_weighting, "time_weighting")
+        self.time_weighting = (None if time_weighting is None
+                               else _nonnegative(_schedule(time_weighting, "time_weighting"), "time_weighting"))
         if chunk_elements is not None and (isinstance(chunk_elements, bool) or not isinstance(chunk_elements, int)
                                            or chunk_elements < 1):
             raise bad_value(StageMixedKLConfigError, "chunk_elements", chunk_elements,
@@ -189,14 +197,33 @@ class StageMixedKL(nn.Module):
         return self.codebook_weights is not None or self.time_weighting is not None
 
     def temperature_at(self, step: float) -> float:
-        """Temperature at ``step``; raises :class:`TemperatureError` if the schedule gives <= 0."""
-        return check_temperature(self.temperature(_step(step)), f"temperature schedule at step {step}")
+        """Temperature at ``step``; raises :class:`TemperatureError` if the schedule gives a value
+        below :data:`kdq.losses.divergences.MIN_TEMPERATURE`, or one whose ``T**2`` weight is below
+        float32's range when ``t2_scale``."""
+        arg = f"temperature schedule at step {step}"
+        value = check_temperature(self.temperature(_step(step)), arg)
+        if self.t2_scale and value * value < _F32_TINY:
+            raise bad_value(TemperatureError, arg, value,
+                            f"a number >= {math.sqrt(_F32_TINY):.3g} with t2_scale=True (T**2 = {value * value:.3g} "
+                            "rounds to 0 in float32, which would zero the loss)",
+                            "use a larger temperature, or t2_scale=False")
+        return value
 
     def weights_at(self, step: float) -> dict[str, float]:
         """Weight of each component at ``step``, ``T**2`` included (when ``t2_scale``)."""
         s = _step(step)
         t2 = self.temperature_at(s) ** 2 if self.t2_scale else 1.0
-        return {self._name(n): w(s) * (t2 if n != "cross_entropy" else 1.0) for n, w in self.weights.items()}
+        return {self._name(n): self._weight(n, s) * (t2 if n != "cross_entropy" else 1.0) for n in self.weights}
+
+    def _weight(self, name: str, step: float) -> float:
+        """``weights[name](step)``, refused unless finite and >= 0 (a schedule with no stated
+        lower bound is only checked here, at the steps actually used)."""
+        value = self.weights[name](step)
+        if not (math.isfinite(value) and value >= 0):
+            raise bad_value(StageMixedKLConfigError, f"weights[{name!r}] at step {step:g}", value,
+                            "a finite number >= 0 (a negative weight maximises the divergence)",
+                            f"fix the schedule {self.weights[name]!r}")
+        return value
 
     def _name(self, name: str) -> str:
         return f"weighted_{name}" if self.weighted else name
@@ -267,7 +294,7 @@ class StageMixedKL(nn.Module):
         elif labels is not None:
             labels = None  # not used: no cross-entropy component configured
         t2 = temperature**2 if self.t2_scale else 1.0
-        weights = {n: self.weights[n](s) * (t2 if n != "cross_entropy" else 1.0) for n in terms}
+        weights = {n: self._weight(n, s) * (t2 if n != "cross_entropy" else 1.0) for n in terms}
         lead = student.shape[:-1]
         dev = student.device
         cdt = torch.float64 if student.dtype == torch.float64 else torch.float32
@@ -391,6 +418,17 @@ def _schedule(value: Any, arg: str) -> Schedule:
         return as_schedule(value, arg)
     except ScheduleError as exc:
         raise StageMixedKLConfigError(str(exc)) from None
+
+
+def _nonnegative(schedule: Schedule, arg: str) -> Schedule:
+    """``schedule``, refused if its lower bound is below 0 (a negative loss weight maximises its
+    divergence; a negative time weight does the same on those frames)."""
+    low = schedule.lower_bound()
+    if low is not None and not low >= 0:
+        raise bad_value(StageMixedKLConfigError, arg, schedule,
+                        f"a schedule >= 0 at every step (this one goes down to {low:g})",
+                        "a negative weight maximises the divergence; end ramps at 0 or above")
+    return schedule
 
 
 def _codebook_weights(values: Sequence[float]) -> tuple[float, ...]:
