@@ -308,3 +308,25 @@ def test_presets_round_trip_through_json():
         assert Preset.from_dict(json.loads(json.dumps(p.to_dict()))) == p
     with pytest.raises(ConfigError, match="did you mean 'distill'"):
         Preset.from_dict({**preset("smoke").to_dict(), "distil": {}})
+
+
+@pytest.mark.slow
+def test_the_main_job_starts_from_a_shipped_world(smoke, tmp_path, monkeypatch):
+    """The mini preset's path: a published world (the local hub) is verified and used, nothing of it retrained."""
+    import musicgen.world as w
+    from musicgen.config import override
+    from musicgen.pipeline import Pipeline
+    from musicgen.world import build_world, publish
+
+    out = smoke[0]
+    monkeypatch.setattr(w, "HUB", tmp_path / "hub")
+    built = build_world(preset("smoke"), Pipeline(out, progress=False))  # cached: the smoke run's world
+    publish(preset("smoke"), built, command="pytest")
+    p = override(preset("smoke"), {"hub": "smoke", "export.enabled": False, "eval.clap_mini_steps": 0})
+    r = run(p, tmp_path / "from_hub", progress=False)
+    assert r["world"]["source"] == "hub" and "codec" not in r["stages"] and "teacher" not in r["stages"]
+    assert set(r["stages"]) >= {"hub", "render", "tokens", "distill_kd", "plan", "evaluate"}
+    assert r["world"]["teacher"] == str(tmp_path / "hub" / "smoke" / "teacher")
+    # the shipped (fp16-stored) student_base is the smoke run's student_base to fp16 precision
+    a, b = r["variants"]["student_base"]["nll"], smoke[1]["variants"]["student_base"]["nll"]
+    assert a == pytest.approx(b, rel=1e-2)

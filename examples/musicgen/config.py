@@ -487,6 +487,7 @@ def _mini() -> Preset:
     return Preset(
         name="mini",
         threads=2,  # a machine of one's own: 2 threads (measured, docs/mini_world.md)
+        hub="mini",  # start from the shipped world (examples/musicgen/hub/mini); --from-scratch rebuilds it
         data=RenderConfig(
             pieces={"bach": 110, "folk": 70, "palestrina": 30, "monteverdi": 16, "trecento": 16, "classical": 8},
             clip_seconds=4.0, clips_per_render=3, renders_per_piece=2, max_render_seconds=30.0, workers=2),
