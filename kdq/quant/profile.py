@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kdq.errors import bad_value, close_matches
-from kdq.quant._io import atomic_write_text
+from kdq._io import write_text
 from kdq.quant.apply import (
     Conversion,
     _tensor_key,
@@ -131,7 +131,7 @@ class SensitivityTable:
                    data.get("tier", "measured"), data.get("fingerprint", ""), dict(data.get("meta", {})))
 
     def save(self, path: str | os.PathLike[str]) -> None:
-        atomic_write_text(path, self.to_json())
+        write_text(path, self.to_json())
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> SensitivityTable:
