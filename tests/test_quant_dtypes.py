@@ -113,6 +113,42 @@ def test_quantized_embedding_matches_reference(cls):
     assert qemb(ids).dtype == torch.float32
 
 
+def test_the_dtype_table_is_what_kdq_quant_does():
+    """kdq.dtypes.TABLE is read by kdq.quant and kdq.export; here its rows against the torch side."""
+    from kdq.dtypes import MODULE_OPS, TABLE, WEIGHTED_OPS
+    from kdq.quant.dtypes import HANDLERS, MODULE_KINDS, quantized_class
+
+    assert tuple(TABLE) == DTYPES
+    for name, info in TABLE.items():
+        spec = get_dtype(name)
+        packed = 2 if name == "int4" else 1  # int4 stores two values per uint8
+        assert torch.empty((), dtype=spec.storage).element_size() * 8 == info.bits * packed
+        assert spec.weight_only == info.weight_only and (spec.compute == torch.float32) == (info.weight_only or name == "fp32")
+        for kind, cls in MODULE_KINDS.items():
+            q = quantized_class(cls(4, 4), name)
+            assert (q is not None) == (kind in info.modules), (name, kind)
+            assert q is None or (q is HANDLERS[(name, kind)] and q.kdq_dtype == name)
+        assert quantized_class(nn.Conv1d(2, 2, 1), name) is None and quantized_class(nn.LayerNorm(4), name) is None
+        if info.onnx is None:
+            assert info.onnx_refusal, name
+            continue
+        # Both sides convert the ops of the same module kinds; every exception is explained in the row.
+        same = {op: (name if not info.weight_only or any(op in MODULE_OPS[k] for k in info.modules) else "fp32")
+                for op in WEIGHTED_OPS}
+        for op in WEIGHTED_OPS:
+            if info.onnx.get(op) != same[op]:
+                assert any(d.startswith(op) for d in info.differences), (name, op, info.onnx.get(op))
+
+
+@pytest.mark.parametrize("dtype", ["int8", "int4"])
+def test_integer_dtypes_convert_exactly_the_tables_module_kinds(dtype):
+    m = nn.ModuleDict({"lin": nn.Linear(64, 8), "emb": nn.Embedding(10, 64), "conv": nn.Conv1d(4, 4, 3),
+                       "up": nn.ConvTranspose1d(4, 4, 3), "norm": nn.LayerNorm(64)})
+    apply_plan(m, Plan({k: dtype for k in m}))
+    assert {k for k, v in m.items() if getattr(v, "kdq_dtype", "") == dtype} == {"lin", "emb"}
+    assert all(p.dtype == torch.float32 for k in ("conv", "up", "norm") for p in m[k].parameters())
+
+
 class _TiedLM(nn.Module):
     def __init__(self, vocab: int = 40, width: int = 32) -> None:
         super().__init__()

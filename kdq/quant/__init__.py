@@ -9,7 +9,7 @@
 """
 
 from kdq.quant.apply import apply_plan, model_bytes, module_dtypes
-from kdq.quant.dtypes_names import DEFAULT_DTYPE, DTYPES
+from kdq.dtypes import DEFAULT_DTYPE, DTYPES
 from kdq.quant.errors import BudgetError, GroupError, PlanError, ProfileError
 from kdq.quant.groups import default_groups, resolve_groups
 from kdq.quant.plan import GroupRecord, Plan, model_fingerprint

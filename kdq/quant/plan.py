@@ -49,7 +49,7 @@ from typing import Any
 
 from kdq.errors import close_matches
 from kdq._io import write_text
-from kdq.quant.dtypes_names import DEFAULT_DTYPE, DTYPES
+from kdq.dtypes import DEFAULT_DTYPE, DTYPES
 from kdq.quant.errors import PlanError
 
 SCHEMA = "kdq.plan/1"
