@@ -60,7 +60,7 @@ def _fmt_bytes(n: float) -> str:
 
 
 def _plan_show(args: argparse.Namespace) -> int:
-    from kdq.quant import Plan
+    from kdq.quant import Plan, explain_plan
 
     plan = Plan.load(args.plan)
     print(f"plan {args.plan}  (schema kdq.plan/1, default {plan.default})")
@@ -85,7 +85,7 @@ def _plan_show(args: argparse.Namespace) -> int:
         model = load_meta_model(args.model)
         plan.check_model(model)
         print()
-        plan.explain(model, only_params=not args.all)
+        explain_plan(model, plan, only_params=not args.all)
         unused = plan.unused_rules([n for n, _ in model.named_modules() if n])
         if unused:
             print(f"\nrules that set no module: {unused}")

@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from kdq.quant import DTYPES, Plan, PlanError, apply_plan, model_fingerprint
+from kdq.quant import DTYPES, Plan, PlanError, apply_plan, explain_plan, model_fingerprint
 from kdq.quant.plan import GroupRecord
 
 # ---------------------------------------------------------------------------- precedence, by example
@@ -199,12 +199,12 @@ def test_explain_names_the_rule_per_module():
     import io
 
     buf = io.StringIO()
-    rows = Plan({"body": "fp16", "body.2": "int8"}).explain(_Toy(), file=buf)
+    rows = explain_plan(_Toy(), Plan({"body": "fp16", "body.2": "int8"}), file=buf)
     assert ("body.0", "fp16", "fp16", "body") in rows
     assert ("body.1", "fp16", "fp16", "body") in rows
     assert ("body.2", "int8", "int8", "body.2") in rows
     assert ("emb", "fp32", "fp32", "(default)") in rows
-    rows = Plan({"body": "int8"}).explain(_Toy(), file=False)
+    rows = explain_plan(_Toy(), Plan({"body": "int8"}), file=False)
     assert ("body.1", "int8", "fp32", "body") in rows  # LayerNorm: int8 is weight-only for Linear/Embedding
     assert "body.2" in buf.getvalue() and "(default)" in buf.getvalue()
 
@@ -212,3 +212,40 @@ def test_explain_names_the_rule_per_module():
 def test_json_file_is_readable():
     data = json.loads(Plan({"decoder": "fp16"}).to_json())
     assert data["schema"] == "kdq.plan/1" and data["assignments"] == {"decoder": "fp16"}
+
+
+# ---------------------------------------------------------------------------- without torch
+_NO_TORCH = """
+import sys
+sys.modules["torch"] = None  # any `import torch` now raises ImportError
+import json, tempfile, pathlib
+import kdq._io, kdq.dtypes, kdq.quant.plan, kdq.export.atomic
+from kdq.quant import DTYPES, Plan, PlanError
+from kdq.dtypes import TABLE
+assert DTYPES == tuple(TABLE) and TABLE["int8"].modules == ("Linear", "Embedding")
+d = pathlib.Path(tempfile.mkdtemp())
+p = Plan({"decoder": "fp16", "re:.*heads\\\\.\\\\d+": "int8"})
+assert Plan.load(p.save(d / "plan.json")) == p
+p.check_rules(["decoder", "decoder.heads.0"])
+try:
+    p.check_rules(["decoderr"])
+except PlanError as e:
+    assert "did you mean 'decoderr'" in str(e), e
+else:
+    raise SystemExit("no PlanError")
+kdq.export.atomic.write_text_atomic(d / "x.txt", "y")
+assert "torch" not in {m.split(".")[0] for m in sys.modules if sys.modules[m] is not None}
+print("ok")
+"""
+
+
+def test_plan_dtype_table_and_io_import_without_torch():
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    res = subprocess.run([sys.executable, "-c", _NO_TORCH], capture_output=True, text=True, env=env, timeout=60)
+    assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr[-2000:]

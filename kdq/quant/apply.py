@@ -20,7 +20,7 @@ storage, so ``model_bytes`` counts it once.
 
 from __future__ import annotations
 
-import re
+import sys
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -32,7 +32,7 @@ from kdq.quant.dtypes import DEFAULT_DTYPE, get_dtype, quantized_class
 from kdq.quant.errors import PlanError
 from kdq.quant.plan import Plan, model_fingerprint
 
-__all__ = ["apply_plan", "model_bytes", "tensor_bytes", "module_dtypes", "Conversion", "model_fingerprint"]
+__all__ = ["apply_plan", "explain_plan", "model_bytes", "tensor_bytes", "module_dtypes", "Conversion", "model_fingerprint"]
 
 _HOOK_ATTR = "_kdq_cast_hook"
 _COMPUTE_ATTR = "_kdq_compute"
@@ -107,20 +107,55 @@ def module_dtypes(model: nn.Module, plan: Plan | Mapping[str, str]) -> dict[str,
     return out
 
 
-def check_rules_match(model: nn.Module, plan: Plan) -> None:
-    """Raise ``PlanError`` for a rule that names no module of ``model`` (typo guard)."""
-    names = [n for n, _ in model.named_modules() if n]
-    name_set = set(names)
-    for rule in plan.assignments:
-        if rule.startswith("re:"):
-            regex = re.compile(rule[3:])
-            if not any(regex.fullmatch(n) for n in names):
-                raise PlanError(f"plan rule {rule!r} matches no module of this model; check the pattern")
-        elif rule not in name_set:
-            raise PlanError(
-                f"plan rule {rule!r} names no module of this model{close_matches(rule, names)}; "
-                "use a name printed by `kdq plan show PLAN --model DIR` or model.named_modules()"
-            )
+def _holds_tensors(mod: nn.Module) -> bool:
+    return any(True for _ in mod.parameters(recurse=False)) or any(True for _ in mod.buffers(recurse=False))
+
+
+def explain_plan(
+    model: nn.Module, plan: Plan, *, file: Any = None, only_params: bool = True
+) -> list[tuple[str, str, str, str]]:
+    """Print (and return) which rule sets each module of ``model``: (module, dtype, stored, rule).
+
+    ``dtype`` is what the rules resolve to, after tied weights follow their first holder (as
+    ``apply_plan`` does); ``stored`` is what the module's own tensors will be stored in (an
+    integer dtype keeps norms and convolutions in fp32; ``-`` for no persistent float tensors).
+
+    Args:
+        model: the float model the plan is for (a meta-device model is enough).
+        plan: the plan.
+        file: where to print (stdout by default; ``False`` prints nothing).
+        only_params: list only modules that hold parameters or buffers themselves.
+    """
+    dtypes = module_dtypes(model, plan)
+    owner = _tied_owner(model)
+    rows = []
+    for name, mod in model.named_modules():
+        if not name or (only_params and not _holds_tensors(mod)):
+            continue
+        dtype = dtypes[name]
+        rule = plan.winning_rule(name)
+        why = "(default)" if rule is None else rule
+        w = mod._parameters.get("weight")
+        if w is not None and owner.get(id(w), name) != name:
+            why = f"(tied to {owner[id(w)]})"
+        skip = mod._non_persistent_buffers_set
+        floats = any(p is not None and p.is_floating_point() for p in mod._parameters.values()) or any(
+            b is not None and k not in skip and b.is_floating_point() for k, b in mod._buffers.items()
+        )
+        if not floats:
+            stored = "-"
+        elif get_dtype(dtype).weight_only:
+            stored = dtype if quantized_class(mod, dtype) is not None else "fp32"
+        else:
+            stored = dtype
+        rows.append((name, dtype, stored, why))
+    if file is not False:
+        out = sys.stdout if file is None else file
+        width = max([len(r[0]) for r in rows] + [6])
+        print(f"{'module':<{width}}  {'dtype':<5}  {'stored':<6}  rule", file=out)
+        for name, dtype, stored, why in rows:
+            print(f"{name:<{width}}  {dtype:<5}  {stored:<6}  {why}", file=out)
+    return rows
 
 
 # ---------------------------------------------------------------------------- converting
@@ -279,7 +314,7 @@ def apply_plan(model: nn.Module, plan: Plan, *, check: bool = True) -> nn.Module
         raise PlanError(f"plan={plan!r} is not allowed: pass a kdq.quant.Plan (Plan.load(path) reads a file)")
     if check:
         plan.check_model(model)
-        check_rules_match(model, plan)
+        plan.check_rules(n for n, _ in model.named_modules())
     dtypes = module_dtypes(model, plan)
     targets = {name: dtypes[name] for name, _ in model.named_modules()}
     computes = {get_dtype(d).compute for d in dtypes.values()}

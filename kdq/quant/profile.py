@@ -477,10 +477,10 @@ class MixedPrecisionPlanner:
             ``{"predicted_sensitivity", "measured_sensitivity", "predicted_bytes", "measured_bytes"}``
             (measured sensitivity is ``score - score(fp32)``).
         """
-        from kdq.quant.apply import check_rules_match, module_dtypes
+        from kdq.quant.apply import module_dtypes
 
         plan.check_model(self.model)
-        check_rules_match(self.model, plan)
+        plan.check_rules(n for n, _ in self.model.named_modules())
         hooks = install_cast_hooks(self.model)
         try:
             base = float(score_fn(self.model))
