@@ -249,3 +249,89 @@ def test_plan_dtype_table_and_io_import_without_torch():
     env = {**os.environ, "PYTHONPATH": str(root)}
     res = subprocess.run([sys.executable, "-c", _NO_TORCH], capture_output=True, text=True, env=env, timeout=60)
     assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr[-2000:]
+
+
+# ---------------------------------------------------------------------------- hostile patterns
+_HOSTILE = r"re:(\w+\.?)*X"  # backtracks exponentially in re: 5 s at 36 characters, x2 per character
+_LONG = ".".join(["decoder", "model", "decoder", "layers", "11", "self_attn", "q_proj"] * 3)  # 137 characters
+_HOSTILE_RUN = f"""
+import sys
+sys.modules["torch"] = None
+from kdq.quant.plan import Plan
+from kdq.quant import PlanError
+p = Plan({{{_HOSTILE!r}: "int8", "decoder": "fp16", r"re:(a|a)*b": "int4", r"re:(.*)*Y": "bf16"}})
+names = [{_LONG!r}[:i] for i in range(1, {len(_LONG)}) if {_LONG!r}[i] == "."] + [{_LONG!r}]
+assert set(p.resolve(names).values()) == {{"fp16"}}
+assert p.unused_rules(names) == [{_HOSTILE!r}, r"re:(a|a)*b", r"re:(.*)*Y"]
+try:
+    p.check_rules(names)
+except PlanError as e:
+    assert "matches no module" in str(e)
+print("ok")
+"""
+
+
+def test_a_catastrophic_pattern_resolves_in_linear_time():
+    """Issue 13 item 8: the reproduction, on names four times longer, under a time limit."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    try:
+        res = subprocess.run([sys.executable, "-c", _HOSTILE_RUN], capture_output=True, text=True, env=env, timeout=20)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"resolving {_HOSTILE!r} against a {len(_LONG)}-character name took more than 20 s")
+    assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr[-2000:]
+
+
+# ---------------------------------------------------------------------------- the matcher against re
+_atom = st.sampled_from(["a", "b", "0", r"\.", ".", r"\d", r"\w", "[ab]", "[^a.]", "[0-9b]", r"\W", "(?:)"])
+
+
+def _regexes():
+    def extend(inner):
+        return st.one_of(
+            st.tuples(inner, inner).map("".join),
+            st.tuples(inner, inner).map(lambda t: f"(?:{t[0]}|{t[1]})"),
+            inner.map(lambda x: f"({x})"),
+            st.tuples(inner, st.sampled_from(["*", "+", "?", "*?", "+?", "{2}", "{0,2}", "{1,3}?", "{2,}"])).map(
+                lambda t: f"(?:{t[0]}){t[1]}"
+            ),
+        )
+
+    core = st.recursive(_atom, extend, max_leaves=8)
+    return st.tuples(st.sampled_from(["", "^", r"\A"]), core, st.sampled_from(["", "$", r"\Z"])).map("".join)
+
+
+@settings(max_examples=300, deadline=None)
+@given(pattern=_regexes(), names=st.lists(st.lists(st.text("ab0_.", min_size=1, max_size=3), min_size=1, max_size=4).map(".".join), min_size=1, max_size=6))
+def test_name_matcher_equals_re_fullmatch_on_every_prefix(pattern, names):
+    from kdq.quant.pattern import NameMatcher
+
+    m = NameMatcher(pattern)
+    ref = re.compile(pattern)
+    for name in names:
+        assert m.fullmatch(name) == (ref.fullmatch(name) is not None), (pattern, name)
+        parts = name.split(".")
+        prefixes = [".".join(parts[:k]) for k in range(1, len(parts) + 1)]
+        want = [k for k, prefix in enumerate(prefixes, start=1) if prefix and ref.fullmatch(prefix)]
+        assert list(m.match_depths(name)) == want, (pattern, name)
+
+
+@pytest.mark.parametrize(
+    "pattern, needle",
+    [
+        (r"(a)\1", "not supported"),
+        (r"a(?=b)", "not supported"),
+        (r"(?i)decoder", "flags"),
+        (r"a++", "not supported"),
+        (r"\bdecoder", "word boundaries"),
+        (r"(a{100}){1000}", "too large"),
+        (r"(", "missing"),
+    ],
+)
+def test_unsupported_patterns_are_plan_errors(pattern, needle):
+    with pytest.raises(PlanError, match=needle):
+        Plan({"re:" + pattern: "int8"})

@@ -4,7 +4,8 @@ A plan is plain data. Its ``assignments`` map *rules* to dtype names (see ``DTYP
 
 - a module name such as ``"text_encoder"`` claims that module and its whole subtree;
 - ``"re:<regex>"`` claims the subtree of every module whose full dotted name the regex matches
-  (``re.fullmatch``).
+  (as ``re.fullmatch`` would; matched in linear time by ``kdq.quant.pattern``, so a hostile pattern
+  cannot hang resolution, and backreferences, lookarounds and flags are refused).
 
 Precedence (most specific wins). For a module ``m``, every rule that covers ``m`` has a *root*: the
 module it claims that is ``m`` itself or an ancestor of ``m`` (for a pattern, the shallowest such
@@ -55,6 +56,7 @@ from kdq._io import write_text
 from kdq.dtypes import DEFAULT_DTYPE, DTYPES
 from kdq.errors import close_matches
 from kdq.quant.errors import PlanError
+from kdq.quant.pattern import NameMatcher
 
 SCHEMA = "kdq.plan/1"
 PATTERN_PREFIX = "re:"
@@ -106,7 +108,7 @@ class _Rule:
     key: str
     dtype: str
     order: int
-    regex: re.Pattern[str] | None
+    matcher: NameMatcher | None
 
 
 class Plan:
@@ -149,16 +151,16 @@ class Plan:
                     "'decoder' or a pattern 're:<regex>'"
                 )
             _check_dtype(f"assignments[{key!r}]", dtype)
-            regex = None
+            matcher = None
             if key.startswith(PATTERN_PREFIX):
                 try:
-                    regex = re.compile(key[len(PATTERN_PREFIX) :])
+                    matcher = NameMatcher(key[len(PATTERN_PREFIX) :])
                 except re.error as e:
-                    raise PlanError(f"assignments key {key!r} is not a valid regular expression: {e}") from None
+                    raise PlanError(f"assignments key {key!r} is not a regular expression kdq can match: {e}") from None
             self.assignments[key] = dtype
-            rules.append(_Rule(key, dtype, i, regex))
-        self._names = {r.key: r for r in rules if r.regex is None}
-        self._patterns = [r for r in rules if r.regex is not None]
+            rules.append(_Rule(key, dtype, i, matcher))
+        self._names = {r.key: r for r in rules if r.matcher is None}
+        self._patterns = {r.key: r for r in rules if r.matcher is not None}
         self.groups: dict[str, GroupRecord] = {}
         for name, rec in (groups or {}).items():
             self.groups[str(name)] = self._record(name, rec)
@@ -209,17 +211,13 @@ class Plan:
                 cand = (depth, 1, -rule.order)
                 if best is None or cand > best:
                     best, best_key = cand, rule.key
-        for rule in self._patterns:
-            for depth, prefix in enumerate(prefixes, start=1):
-                if rule.regex.fullmatch(prefix):  # type: ignore[union-attr]
-                    cand = (depth, 0, -rule.order)
-                    if best is None or cand > best:
-                        best, best_key = cand, rule.key
-                    break  # a pattern's root is the shallowest module it matches
+        for rule in self._patterns.values():
+            depth = rule.matcher.first_depth(module_name)  # type: ignore[union-attr]  # one pass over the name
+            if depth is not None:  # a pattern's root is the shallowest module it matches
+                cand = (depth, 0, -rule.order)
+                if best is None or cand > best:
+                    best, best_key = cand, rule.key
         return best_key
-
-    def _fullmatch(self, rule: str, name: str) -> bool:
-        return next(r for r in self._patterns if r.key == rule).regex.fullmatch(name) is not None  # type: ignore[union-attr]
 
     def dtype_for(self, module_name: str) -> str:
         """The dtype name of ``module_name`` under this plan (the default when no rule covers it)."""
@@ -246,7 +244,7 @@ class Plan:
                         f"plan rule {rule!r} names no module of this model{close_matches(rule, names)}; "
                         "use a name printed by `kdq plan show PLAN --model DIR` or model.named_modules()"
                     )
-            elif not any(self._fullmatch(rule, n) for n in names):
+            elif not any(self._patterns[rule].matcher.fullmatch(n) for n in names):  # type: ignore[union-attr]
                 raise PlanError(
                     f"plan rule {rule!r} matches no module of this model{close_matches(rule[len(PATTERN_PREFIX):], names)}; "
                     "check the pattern against `kdq plan show PLAN --model DIR --all`"
