@@ -8,6 +8,7 @@ import re
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+import torch
 from torch import nn
 
 from kdq.quant import DTYPES, Plan, PlanError, apply_plan, explain_plan, model_fingerprint
@@ -335,3 +336,91 @@ def test_name_matcher_equals_re_fullmatch_on_every_prefix(pattern, names):
 def test_unsupported_patterns_are_plan_errors(pattern, needle):
     with pytest.raises(PlanError, match=needle):
         Plan({"re:" + pattern: "int8"})
+
+
+# ---------------------------------------------------------------------------- apply_plan: all or nothing
+class _Mixed(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = nn.Embedding(10, 16)
+        self.body = nn.Sequential(nn.Linear(16, 16), nn.LayerNorm(16), nn.Linear(16, 16), nn.Linear(16, 8))
+        self.head = nn.Linear(8, 10, bias=False)
+
+    def forward(self, ids):
+        return self.head(self.body(self.emb(ids)))
+
+
+def _snapshot(model):
+    return (
+        [(n, type(m)) for n, m in model.named_modules()],
+        {k: (v, v.dtype, v.data_ptr()) for k, v in model.state_dict(keep_vars=True).items()},
+        {k: v.clone() for k, v in model.state_dict().items()},
+    )
+
+
+def _assert_untouched(model, snap):
+    modules, tensors, values = snap
+    assert [(n, type(m)) for n, m in model.named_modules()] == modules
+    now = model.state_dict(keep_vars=True)
+    assert now.keys() == tensors.keys()
+    for k, (t, dtype, ptr) in tensors.items():
+        assert now[k] is t and now[k].dtype == dtype and now[k].data_ptr() == ptr, k
+        assert torch.equal(now[k].detach(), values[k]), k
+    for _, m in model.named_modules():
+        assert not m._forward_pre_hooks and "_kdq_compute" not in m.__dict__ and getattr(m, "_kdq_cast_hook", None) is None
+    assert not hasattr(model, "_kdq_plan")
+
+
+@pytest.mark.parametrize("fail_at", [1, 2, 3])
+def test_apply_plan_that_fails_midway_leaves_the_model_exactly_as_it_was(monkeypatch, fail_at):
+    """Issue 13 item 6: an error while converting undoes every conversion, hook and compute mark."""
+    from kdq.quant.dtypes import Int4Linear
+
+    model = _Mixed()
+    ids = torch.tensor([[1, 2, 3]])
+    before_out = model(ids)
+    snap = _snapshot(model)
+    calls = []
+    real = Int4Linear.from_float.__func__
+
+    def flaky(cls, linear, memo=None):
+        calls.append(1)
+        if len(calls) == fail_at:
+            raise RuntimeError("conversion failed")
+        return real(cls, linear, memo)
+
+    monkeypatch.setattr(Int4Linear, "from_float", classmethod(flaky))
+    plan = Plan({"emb": "fp16", "body.0": "int4", "body.1": "bf16", "body.2": "int4", "body.3": "int4", "head": "int8"})
+    with pytest.raises(RuntimeError, match="conversion failed"):
+        apply_plan(model, plan)
+    _assert_untouched(model, snap)
+    assert torch.equal(model(ids), before_out)
+    monkeypatch.undo()
+    apply_plan(model, plan)  # and the same model converts cleanly afterwards
+    assert isinstance(model.body[3], Int4Linear) and model.emb.weight.dtype == torch.float16
+
+
+def test_apply_plan_validates_everything_before_converting():
+    model = _Mixed()
+    snap = _snapshot(model)
+    for plan in (Plan({"body.0": "fp16", "bodyy": "int8"}), Plan({"emb": "int8"}, model={"fingerprint": "sha256:0"})):
+        with pytest.raises(PlanError):
+            apply_plan(model, plan)
+        _assert_untouched(model, snap)
+
+
+@pytest.mark.parametrize("first, second", [
+    ({"body": "int4"}, {"body": "fp16"}),   # int4 scales used to drift to fp32 under the fp16 plan
+    ({"body": "int8"}, {"body": "fp16"}),   # the fp16 rule used to leave Int8Linear in place
+    ({"emb": "fp16"}, {"emb": "fp16"}),     # even the same plan: converting twice is not defined
+    ({}, {"head": "int8"}),                 # an all-fp32 plan marks the model as converted too
+])
+def test_a_second_plan_over_a_converted_model_is_refused(first, second):
+    model = apply_plan(_Mixed(), Plan(first))
+    snap = _snapshot(model)
+    with pytest.raises(PlanError, match="already converted"):
+        apply_plan(model, Plan(second))
+    modules, tensors, _ = snap
+    assert [(n, type(m)) for n, m in model.named_modules()] == modules
+    assert all(model.state_dict(keep_vars=True)[k] is t for k, (t, _, _) in tensors.items())

@@ -16,6 +16,13 @@ returns fp16.
 Tied weights: a tensor held by several modules is converted once, with the dtype of the first module
 (in ``named_modules`` order) that holds it; the other holders follow it and share the converted
 storage, so ``model_bytes`` counts it once.
+
+All or nothing: ``apply_plan`` checks everything it can first (the plan, the fingerprint, that every
+rule matches a module, that the model is not already converted), then converts; if anything fails
+while converting, every module, tensor, hook and compute mark is restored, so the model is exactly
+the one passed in. A model converted once is refused by a second ``apply_plan``: a plan is defined on
+the float model (int4 over int8, or fp16 over int4, is not that plan), so reload the float model and
+apply one plan with all the rules.
 """
 
 from __future__ import annotations
@@ -28,7 +35,7 @@ import torch
 from torch import nn
 
 from kdq.errors import close_matches
-from kdq.quant.dtypes import DEFAULT_DTYPE, get_dtype, quantized_class
+from kdq.quant.dtypes import _WeightOnly, get_dtype, quantized_class
 from kdq.quant.errors import PlanError
 from kdq.quant.plan import Plan, model_fingerprint
 
@@ -251,6 +258,11 @@ class Conversion:
                     self._undo.append(("buffer", mod, bname, b))
                     mod._buffers[bname] = b.to(storage)
 
+    def commit(self) -> None:
+        """Keep every conversion made so far: ``restore`` will no longer undo them."""
+        self._undo.clear()
+        self.memo.clear()
+
     def _set_compute(self, mod: nn.Module, compute: torch.dtype) -> None:
         self._undo.append(("compute", mod, mod.__dict__.get(_COMPUTE_ATTR)))
         object.__setattr__(mod, _COMPUTE_ATTR, compute)
@@ -308,22 +320,42 @@ def apply_plan(model: nn.Module, plan: Plan, *, check: bool = True) -> nn.Module
         check: verify the plan's model fingerprint and that every name rule names a module.
 
     Raises:
-        PlanError: the plan was made for a different model, or a rule names no module.
+        PlanError: the plan was made for a different model, a rule names no module, or the model was
+            already converted by a plan. Nothing is converted then; and if converting fails midway,
+            the model is restored exactly before the error propagates.
     """
     if not isinstance(plan, Plan):
         raise PlanError(f"plan={plan!r} is not allowed: pass a kdq.quant.Plan (Plan.load(path) reads a file)")
+    check_unconverted(model, "apply_plan")
     if check:
         plan.check_model(model)
         plan.check_rules(n for n, _ in model.named_modules())
     dtypes = module_dtypes(model, plan)
     targets = {name: dtypes[name] for name, _ in model.named_modules()}
     computes = {get_dtype(d).compute for d in dtypes.values()}
-    if computes != {torch.float32}:
-        install_cast_hooks(model)
-        for name, mod in model.named_modules():
-            object.__setattr__(mod, _COMPUTE_ATTR, get_dtype(dtypes.get(name, DEFAULT_DTYPE)).compute)
+    hooks: list[Any] = []
     conv = Conversion(model)
-    conv.convert(targets)
-    conv._undo.clear()  # applied for good
+    try:
+        if computes != {torch.float32}:
+            hooks = install_cast_hooks(model)  # before converting: replacements inherit the hook
+        conv.convert(targets)
+    except BaseException:
+        conv.restore()
+        remove_cast_hooks(hooks)
+        raise
+    conv.commit()
     model._kdq_plan = plan  # type: ignore[attr-defined]
     return model
+
+
+def check_unconverted(model: nn.Module, what: str) -> None:
+    """Raise ``PlanError`` if ``model`` was already converted by ``apply_plan`` (or still carries its marks)."""
+    for name, mod in model.named_modules():
+        if isinstance(mod, _WeightOnly) or _COMPUTE_ATTR in mod.__dict__ or getattr(mod, _HOOK_ATTR, None) is not None:
+            plan = getattr(model, "_kdq_plan", None)
+            was = f" by {plan!r}" if plan is not None else ""
+            raise PlanError(
+                f"model is already converted{was} (module {name or '(root)'!r}): {what} needs the float model; "
+                "reload it (from_pretrained, or kdq.quant.load_quantized for a saved quantized model) and "
+                "apply one plan that holds all the rules"
+            )

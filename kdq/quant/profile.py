@@ -40,6 +40,7 @@ from kdq._io import write_text
 from kdq.quant.apply import (
     Conversion,
     _tensor_key,
+    check_unconverted,
     install_cast_hooks,
     model_bytes,
     remove_cast_hooks,
@@ -155,7 +156,7 @@ class MixedPrecisionPlanner:
 
     Raises:
         GroupError: unknown or overlapping groups (with close matches).
-        PlanError: unknown candidate dtypes.
+        PlanError: unknown candidate dtypes, or a model already converted by a plan.
     """
 
     def __init__(
@@ -166,6 +167,7 @@ class MixedPrecisionPlanner:
         *,
         granularity: str = "layer",
     ) -> None:
+        check_unconverted(model, "MixedPrecisionPlanner")
         self.model = model
         cands = list(candidates)
         for c in cands:
