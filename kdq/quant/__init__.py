@@ -28,6 +28,7 @@ _LAZY = {
     "GroupError": "kdq.quant.errors",
     "BudgetError": "kdq.quant.errors",
     "ProfileError": "kdq.quant.errors",
+    "ModelFolderError": "kdq.quant.errors",
     "apply_plan": "kdq.quant.apply",
     "explain_plan": "kdq.quant.apply",
     "model_bytes": "kdq.quant.apply",
