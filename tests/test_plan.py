@@ -424,3 +424,16 @@ def test_a_second_plan_over_a_converted_model_is_refused(first, second):
     modules, tensors, _ = snap
     assert [(n, type(m)) for n, m in model.named_modules()] == modules
     assert all(model.state_dict(keep_vars=True)[k] is t for k, (t, _, _) in tensors.items())
+
+
+def test_a_plan_file_that_is_not_utf8_names_the_file(tmp_path):
+    """Issue 13 item 10: a non-UTF-8 plan file raised a raw UnicodeDecodeError."""
+    path = tmp_path / "latin1.json"
+    path.write_bytes('{"schema": "kdq.plan/1", "assignments": {"décodeur": "fp16"}}'.encode("latin-1"))
+    with pytest.raises(PlanError, match=rf"{re.escape(str(path))}.*not UTF-8 text \(byte 43 is 0xe9\)"):
+        Plan.load(path)
+    path.write_text("{broken")
+    with pytest.raises(PlanError, match=rf"{re.escape(str(path))}.*not valid JSON"):
+        Plan.load(path)
+    with pytest.raises(PlanError, match="is a folder"):
+        Plan.load(tmp_path)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import json
 
 import pytest
@@ -196,3 +197,45 @@ def test_relative_error_score_and_measure_on_plain_model():
     report = planner.measure(plan, score)
     assert report["measured_bytes"] == plan.predicted["bytes"]
     assert list(planner.frontier(table, points=8))[-1]["sensitivity"] == 0.0
+
+
+class _Picky(nn.Module):
+    """Its forward breaks when ``lin`` is not stored in fp32 (as code that checks dtypes would)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin = nn.Linear(8, 8)
+        self.other = nn.Linear(8, 8)
+
+    def forward(self, x):
+        if self.lin.weight.dtype != torch.float32:
+            raise RuntimeError("picky needs fp32 weights")
+        return self.other(self.lin(x))
+
+
+def test_a_group_whose_conversion_breaks_the_forward_is_infinitely_sensitive():
+    """Issue 13 item 10: the error used to end profiling; now it is recorded, warned about, and skipped."""
+    model = _Picky()
+    x = torch.randn(4, 8)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    planner = MixedPrecisionPlanner(model, ["lin", "other"], candidates=["fp32", "fp16", "int8"])
+    with pytest.warns(UserWarning, match=r"group 'lin' in fp16 broke the model \(RuntimeError: picky needs fp32 weights\)"):
+        table = planner.profile(RelativeError(lambda m: m(x), model), progress=False, log=None)
+    assert table.sensitivity["lin"]["fp16"] == math.inf
+    assert 0 < table.sensitivity["lin"]["int8"] < 1e-3 and 0 < table.sensitivity["other"]["fp16"] < 1e-5
+    assert all(torch.equal(before[k], v) and before[k].dtype == v.dtype for k, v in model.state_dict().items())
+    plan = planner.solve(table, max_bytes=table.total_bytes("fp16"))
+    assert plan.assignments["lin"] != "fp16"
+    assert SensitivityTable.from_json(table.to_json()).sensitivity["lin"]["fp16"] == math.inf
+
+
+def test_a_cache_that_is_not_utf8_or_not_a_table_names_the_file(tmp_path):
+    model = _Picky()
+    planner = MixedPrecisionPlanner(model, ["other"], candidates=["fp32", "int8"])
+    score = RelativeError(lambda m: m(torch.randn(2, 8, generator=torch.Generator().manual_seed(0))), model)
+    cache = tmp_path / "cache.json"
+    for content, needle in ((b"\xff\xfe{}", "not UTF-8"), (b"{}", "not a kdq sensitivity table")):
+        cache.write_bytes(content)
+        with pytest.raises(ProfileError, match=rf"cache='{cache}'.*{needle}"):
+            planner.profile(score, cache=cache, progress=False, log=None)

@@ -110,3 +110,21 @@ def test_exact_ties_resolve_to_the_first_candidate():
     b = np.array([[100, 50, 100], [100, 50, 25]])
     sol = solve_mckp(s, b, max_bytes=125)
     assert sol.choice == (0, 2) and sol.bytes == 125
+
+
+@pytest.mark.parametrize("budget", [{"max_bytes": math.inf}, {"max_bytes": math.nan}, {"max_bytes": -math.inf},
+                                    {"max_bytes": "1e9"}, {"max_bytes": True}, {"max_sensitivity": math.nan},
+                                    {"max_sensitivity": "0.1"}])
+def test_non_numeric_budgets_are_budget_errors(budget):
+    """Issue 13 item 10: solve(max_bytes=inf) raised OverflowError, nan a ValueError from int()."""
+    s = np.array([[0.0, 1.0], [0.0, 2.0]])
+    b = np.array([[400, 100], [800, 200]])
+    (arg, value), = budget.items()
+    with pytest.raises(BudgetError, match=rf"{arg}={value!r} is not allowed"):
+        solve_mckp(s, b, **budget)
+
+
+def test_an_infinite_quality_budget_gives_the_smallest_plan():
+    s = np.array([[0.0, 1.0], [0.0, 2.0]])
+    b = np.array([[400, 100], [800, 200]])
+    assert solve_mckp(s, b, max_sensitivity=math.inf).choice == (1, 1)

@@ -313,9 +313,21 @@ class Plan:
     def load(cls, path: str | os.PathLike[str]) -> Plan:
         """Read a plan file written by ``save``."""
         p = Path(path)
+        if p.is_dir():
+            raise PlanError(f"path={str(p)!r} is not a plan file: it is a folder; pass the plan JSON file in it")
         if not p.is_file():
             raise PlanError(f"path={str(p)!r} is not a plan file: it does not exist")
-        return cls.from_json(p.read_text(encoding="utf-8"))
+        try:
+            text = p.read_bytes().decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise PlanError(
+                f"path={str(p)!r} is not a plan file: it is not UTF-8 text (byte {e.start} is {e.object[e.start]:#04x}); "
+                "re-save it as UTF-8"
+            ) from None
+        try:
+            return cls.from_json(text)
+        except PlanError as e:
+            raise PlanError(f"path={str(p)!r}: {e}") from None
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write the plan as JSON atomically (temporary file + ``os.replace``); returns the path."""

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from kdq.errors import bad_value
 from kdq.quant.errors import BudgetError
 
 
@@ -169,6 +170,10 @@ def solve_mckp(
         raise BudgetError(f"sensitivity and bytes must be [groups, dtypes] of one shape, got {s.shape} and {b.shape}")
     if (max_bytes is None) == (max_sensitivity is None):
         raise BudgetError("pass exactly one of max_bytes=... or max_sensitivity=...")
+    if max_bytes is not None:
+        _check_budget("max_bytes", max_bytes, "a finite number of bytes", finite=True)
+    if max_sensitivity is not None:
+        _check_budget("max_sensitivity", max_sensitivity, "a number, not NaN (inf: no quality limit)", finite=False)
     G, D = s.shape
     allowed = np.isfinite(s)
     if not allowed.any(axis=1).all():
@@ -221,7 +226,7 @@ def solve_mckp(
             raise BudgetError(_extra_msg(extra, f"max_bytes={int(max_bytes)}"))
         return totals(ch)
     limit = float(max_sensitivity)  # type: ignore[arg-type]
-    if math.isnan(limit) or limit < min_sens - 1e-12 * max(1.0, abs(min_sens)):
+    if limit < min_sens - 1e-12 * max(1.0, abs(min_sens)):
         raise BudgetError(
             f"max_sensitivity={max_sensitivity!r} is unreachable: the least reachable total sensitivity is "
             f"{min_sens:.6g} (every group at its least sensitive candidate); raise the budget"
@@ -231,6 +236,12 @@ def solve_mckp(
     if ch is None:
         raise BudgetError(_extra_msg(extra, f"max_sensitivity={max_sensitivity!r}"))
     return totals(ch)
+
+
+def _check_budget(arg: str, value: object, allowed: str, *, finite: bool) -> None:
+    ok = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
+    if not ok or math.isnan(value) or (finite and math.isinf(value)):  # type: ignore[arg-type]
+        raise bad_value(BudgetError, arg, value, allowed, "pass e.g. max_bytes=1_000_000_000 or max_sensitivity=0.05")
 
 
 def _extra_msg(extra: Mapping, budget: str) -> str:
