@@ -279,17 +279,26 @@ def brute_force(
     rest_bytes: int = 0,
     max_bytes: int | None = None,
     max_sensitivity: float | None = None,
+    extra: Mapping[str, tuple[np.ndarray, float]] | None = None,
 ) -> tuple[float, int] | None:
-    """Reference for tests: the optimal (objective, secondary) by enumerating every assignment."""
+    """Reference for tests: the optimal (objective, secondary) by enumerating every assignment.
+
+    Same contract as ``solve_mckp``: non-finite sensitivities are forbidden choices, every extra cost
+    column must stay within its limit, and ties on the objective go to the better secondary (fewer
+    bytes under ``max_bytes``, less sensitivity under ``max_sensitivity``). None if nothing is feasible.
+    """
     import itertools
 
     s = np.asarray(sensitivity, dtype=float)
     b = np.asarray(nbytes, dtype=np.int64)
+    costs = [(np.asarray(c, dtype=float), float(lim)) for c, lim in (extra or {}).values()]
     best = None
     for ch in itertools.product(*[range(s.shape[1])] * s.shape[0]):
+        if not all(math.isfinite(s[g, d]) for g, d in enumerate(ch)):
+            continue
         tot_s = float(sum(s[g, d] for g, d in enumerate(ch)))
         tot_b = int(rest_bytes + sum(int(b[g, d]) for g, d in enumerate(ch)))
-        if not math.isfinite(tot_s):
+        if any(float(sum(c[g, d] for g, d in enumerate(ch))) > lim for c, lim in costs):
             continue
         if max_bytes is not None and tot_b <= max_bytes:
             key = (tot_s, tot_b)
