@@ -3,7 +3,7 @@
 ``save_pretrained`` / ``from_pretrained`` do not know kdq's int8/int4 modules: the state dict holds
 ``qweight``/``scale`` where the float class expects ``weight``, so transformers reports them as
 unexpected, leaves the layers at their random initialisation and returns a model whose logits are
-off (0.79 on a tiny MusicGen), with a warning only. kdq saves and loads its own format instead.
+off (by 0.79 on a tiny MusicGen in the adversarial pass of issue 13), with a warning only. kdq saves and loads its own format instead.
 
 A folder (format ``kdq.quantized/1``) holds:
 
