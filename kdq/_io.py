@@ -21,7 +21,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["atomic_path", "write_bytes", "write_text"]
+__all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_text", "fsync_dir"]
 
 
 def _umask() -> int:
@@ -37,19 +37,24 @@ def _umask() -> int:
     return mask
 
 
-def _fsync_path(path: Path, *, directory: bool = False) -> None:
-    flags = os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if directory else 0)
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
     try:
-        fd = os.open(path, flags)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(folder: str | os.PathLike[str]) -> None:
+    """Sync a folder's entries (a rename, a new file) to disk; best effort where the OS refuses it."""
+    try:
+        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
     except OSError:
-        if directory:  # some platforms cannot open a folder; the rename is still atomic
-            return
-        raise
+        return
     try:
         os.fsync(fd)
     except OSError:
-        if not directory:
-            raise
+        pass
     finally:
         os.close(fd)
 
@@ -73,16 +78,16 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     tmp = Path(name)
     try:
         yield tmp
-        _fsync_path(tmp)
+        _fsync_file(tmp)
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, dest)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    _fsync_path(dest.parent, directory=True)
+    fsync_dir(dest.parent)
 
 
-def write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
     """Write ``data`` to ``path`` atomically (see the module docstring); returns the path."""
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
@@ -90,6 +95,6 @@ def write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
     return Path(path)
 
 
-def write_text(path: str | os.PathLike[str], text: str, *, encoding: str = "utf-8") -> Path:
+def atomic_write_text(path: str | os.PathLike[str], text: str, *, encoding: str = "utf-8") -> Path:
     """Write ``text`` to ``path`` atomically, encoded with ``encoding``; returns the path."""
-    return write_bytes(path, text.encode(encoding))
+    return atomic_write_bytes(path, text.encode(encoding))

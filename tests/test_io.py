@@ -8,7 +8,7 @@ import stat
 import pytest
 
 from kdq import _io
-from kdq._io import atomic_path, write_bytes, write_text
+from kdq._io import atomic_path, atomic_write_bytes, atomic_write_text
 
 
 def _listing(folder):
@@ -16,16 +16,16 @@ def _listing(folder):
 
 
 def test_text_and_bytes_round_trip_and_overwrite(tmp_path):
-    path = write_text(tmp_path / "sub" / "a.txt", "héllo\n")
+    path = atomic_write_text(tmp_path / "sub" / "a.txt", "héllo\n")
     assert path.read_bytes() == "héllo\n".encode()
-    write_bytes(path, b"\x00\xffnew")
+    atomic_write_bytes(path, b"\x00\xffnew")
     assert path.read_bytes() == b"\x00\xffnew"
     assert _listing(path.parent) == ["a.txt"]
 
 
 @pytest.mark.parametrize("where", ["writer", "replace", "fsync"])
 def test_a_failed_write_keeps_the_old_file_and_leaves_no_temp(tmp_path, monkeypatch, where):
-    path = write_text(tmp_path / "plan.json", "old")
+    path = atomic_write_text(tmp_path / "plan.json", "old")
     if where == "writer":
         with pytest.raises(RuntimeError, match="boom"):
             with atomic_path(path) as tmp:
@@ -37,7 +37,7 @@ def test_a_failed_write_keeps_the_old_file_and_leaves_no_temp(tmp_path, monkeypa
 
         monkeypatch.setattr(os, where, fail)
         with pytest.raises(OSError, match=f"{where} failed"):
-            write_text(path, "new content")
+            atomic_write_text(path, "new content")
     assert path.read_text() == "old"
     assert _listing(tmp_path) == ["plan.json"]
 
@@ -54,11 +54,11 @@ def test_a_failed_first_write_leaves_nothing(tmp_path):
 def test_mode_follows_the_umask(tmp_path, mask):
     old = os.umask(mask)
     try:
-        new = write_text(tmp_path / "new.txt", "x")
+        new = atomic_write_text(tmp_path / "new.txt", "x")
         existing = tmp_path / "existing.txt"
         existing.write_text("x")
         existing.chmod(0o600)
-        write_text(existing, "y")  # a rewrite gets the umask's mode too, as open() on a new file would
+        atomic_write_text(existing, "y")  # a rewrite gets the umask's mode too, as open() on a new file would
         with atomic_path(tmp_path / "w.bin") as tmp:  # writers that create the file themselves
             tmp.unlink()
             tmp.write_bytes(b"z")
@@ -74,12 +74,19 @@ def test_fsync_file_before_rename_and_folder_after(tmp_path, monkeypatch):
     real_fsync, real_replace = os.fsync, os.replace
     monkeypatch.setattr(os, "fsync", lambda fd: (events.append(("fsync", os.path.isdir(f"/proc/self/fd/{fd}"))), real_fsync(fd)))
     monkeypatch.setattr(os, "replace", lambda a, b: (events.append(("replace", None)), real_replace(a, b)))
-    write_text(tmp_path / "f.json", "{}")
+    atomic_write_text(tmp_path / "f.json", "{}")
     assert events == [("fsync", False), ("replace", None), ("fsync", True)]
 
 
 def test_export_names_are_the_library_writer(tmp_path):
     from kdq.export import atomic
 
-    assert atomic.atomic_path is atomic_path and atomic.write_text_atomic is write_text
+    assert atomic.atomic_path is atomic_path and atomic.write_text_atomic is atomic_write_text
     assert atomic.write_text_atomic(tmp_path / "x.txt", "y").read_text() == "y"
+
+
+def test_fsync_dir_is_best_effort(tmp_path):
+    from kdq._io import fsync_dir
+
+    fsync_dir(tmp_path)
+    fsync_dir(tmp_path / "missing")  # the folder of a file that may not exist yet: no error

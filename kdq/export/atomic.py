@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 
 from kdq._io import atomic_path
-from kdq._io import write_text as write_text_atomic  # the export name of the one text writer
+from kdq._io import atomic_write_text as write_text_atomic  # the export name of the one text writer
 
 __all__ = ["atomic_path", "save_onnx_atomic", "write_text_atomic"]
 

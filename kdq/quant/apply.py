@@ -39,7 +39,7 @@ from kdq.quant.dtypes import _WeightOnly, get_dtype, quantized_class
 from kdq.quant.errors import PlanError
 from kdq.quant.plan import Plan, model_fingerprint
 
-__all__ = ["apply_plan", "explain_plan", "model_bytes", "tensor_bytes", "module_dtypes", "Conversion", "model_fingerprint"]
+__all__ = ["apply_plan", "check_rules_match", "explain_plan", "model_bytes", "tensor_bytes", "module_dtypes", "Conversion", "model_fingerprint"]
 
 _HOOK_ATTR = "_kdq_cast_hook"
 _COMPUTE_ATTR = "_kdq_compute"
@@ -112,6 +112,11 @@ def module_dtypes(model: nn.Module, plan: Plan | Mapping[str, str]) -> dict[str,
         if w is not None and owner.get(id(w), name) != name:
             out[name] = resolved[owner[id(w)]]
     return out
+
+
+def check_rules_match(model: nn.Module, plan: Plan) -> None:
+    """``plan.check_rules`` over ``model``'s module names: ``PlanError`` for a rule that matches none."""
+    plan.check_rules(n for n, _ in model.named_modules())
 
 
 def _holds_tensors(mod: nn.Module) -> bool:
@@ -329,7 +334,7 @@ def apply_plan(model: nn.Module, plan: Plan, *, check: bool = True) -> nn.Module
     check_unconverted(model, "apply_plan")
     if check:
         plan.check_model(model)
-        plan.check_rules(n for n, _ in model.named_modules())
+        check_rules_match(model, plan)
     dtypes = module_dtypes(model, plan)
     targets = {name: dtypes[name] for name, _ in model.named_modules()}
     computes = {get_dtype(d).compute for d in dtypes.values()}

@@ -52,7 +52,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kdq._io import write_text
+from kdq._io import atomic_write_text
 from kdq.dtypes import DEFAULT_DTYPE, DTYPES
 from kdq.errors import close_matches
 from kdq.quant.errors import PlanError
@@ -331,7 +331,7 @@ class Plan:
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write the plan as JSON atomically (temporary file + ``os.replace``); returns the path."""
-        return write_text(path, self.to_json())
+        return atomic_write_text(path, self.to_json())
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Plan):

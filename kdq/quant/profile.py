@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kdq.errors import bad_value, close_matches
-from kdq._io import write_text
+from kdq._io import atomic_write_text
 from kdq.quant.apply import (
     Conversion,
     _tensor_key,
@@ -133,7 +133,7 @@ class SensitivityTable:
                    data.get("tier", "measured"), data.get("fingerprint", ""), dict(data.get("meta", {})))
 
     def save(self, path: str | os.PathLike[str]) -> None:
-        write_text(path, self.to_json())
+        atomic_write_text(path, self.to_json())
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> SensitivityTable:
@@ -496,10 +496,10 @@ class MixedPrecisionPlanner:
             ``{"predicted_sensitivity", "measured_sensitivity", "predicted_bytes", "measured_bytes"}``
             (measured sensitivity is ``score - score(fp32)``).
         """
-        from kdq.quant.apply import module_dtypes
+        from kdq.quant.apply import check_rules_match, module_dtypes
 
         plan.check_model(self.model)
-        plan.check_rules(n for n, _ in self.model.named_modules())
+        check_rules_match(self.model, plan)
         hooks = install_cast_hooks(self.model)
         try:
             base = float(score_fn(self.model))

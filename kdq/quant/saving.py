@@ -40,7 +40,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from kdq._io import atomic_path, write_text
+from kdq._io import atomic_path, atomic_write_text
 from kdq.quant.apply import apply_plan
 from kdq.quant.errors import ModelFolderError
 from kdq.quant.plan import Plan
@@ -83,7 +83,7 @@ def save_quantized(model: nn.Module, folder: str | os.PathLike[str]) -> Path:
     plan_text = plan.to_json()
     with atomic_path(out / WEIGHTS_FILE) as tmp:
         save_model(model, str(tmp), metadata={"format": FORMAT, "plan_sha256": _sha256(plan_text)})
-    write_text(out / PLAN_FILE, plan_text)
+    atomic_write_text(out / PLAN_FILE, plan_text)
     config = getattr(model, "config", None)
     if config is not None and hasattr(config, "to_dict"):
         d = config.to_dict()
@@ -95,7 +95,7 @@ def save_quantized(model: nn.Module, folder: str | os.PathLike[str]) -> Path:
             "plan": PLAN_FILE,
             "load_with": "kdq.quant.load_quantized(folder)",
         }
-        write_text(out / "config.json", json.dumps(d, indent=2, sort_keys=True) + "\n")
+        atomic_write_text(out / "config.json", json.dumps(d, indent=2, sort_keys=True) + "\n")
     return out
 
 
