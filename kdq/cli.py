@@ -22,37 +22,17 @@ from kdq.errors import KdqError
 __all__ = ["main", "load_meta_model"]
 
 
-class CliError(KdqError):
-    """A bad command-line argument (missing folder, unknown architecture)."""
-
-
 def load_meta_model(model_dir: str | Path) -> Any:
     """Build the transformers model described by ``DIR/config.json`` on the meta device (no weights).
 
-    Raises:
-        CliError: no such folder/config, or an architecture transformers does not know.
-    """
-    import torch
+    A ``kdq.quant.save_quantized`` folder gives its float architecture.
 
-    d = Path(model_dir)
-    cfg_path = d / "config.json"
-    if not cfg_path.is_file():
-        raise CliError(f"--model={str(d)!r} is not a model folder: {cfg_path} does not exist")
-    try:
-        import transformers
-    except ImportError:  # pragma: no cover - depends on the environment
-        raise CliError("--model needs transformers: pip install 'kdq[musicgen]'") from None
-    archs = json.loads(cfg_path.read_text()).get("architectures") or []
-    cls = next((getattr(transformers, a) for a in archs if hasattr(transformers, a)), None)
-    if cls is None:
-        raise CliError(
-            f"--model={str(d)!r}: config.json names architectures {archs}, none of which transformers "
-            "provides; kdq never runs remote code"
-        )
-    config = transformers.AutoConfig.from_pretrained(d, trust_remote_code=False)
-    with torch.device("meta"):
-        model = cls(config)
-    return model.eval()
+    Raises:
+        ModelFolderError: no such folder/config, or an architecture transformers does not know.
+    """
+    from kdq.quant.saving import model_from_config
+
+    return model_from_config(model_dir, device="meta", arg="--model").eval()
 
 
 def _fmt_bytes(n: float) -> str:
@@ -60,7 +40,7 @@ def _fmt_bytes(n: float) -> str:
 
 
 def _plan_show(args: argparse.Namespace) -> int:
-    from kdq.quant import Plan
+    from kdq.quant import Plan, explain_plan
 
     plan = Plan.load(args.plan)
     print(f"plan {args.plan}  (schema kdq.plan/1, default {plan.default})")
@@ -85,7 +65,7 @@ def _plan_show(args: argparse.Namespace) -> int:
         model = load_meta_model(args.model)
         plan.check_model(model)
         print()
-        plan.explain(model, only_params=not args.all)
+        explain_plan(model, plan, only_params=not args.all)
         unused = plan.unused_rules([n for n, _ in model.named_modules() if n])
         if unused:
             print(f"\nrules that set no module: {unused}")

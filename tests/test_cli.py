@@ -88,3 +88,48 @@ def test_make_plan_example_writes_a_measured_plan(model_dir, tmp_path, capsys):
     assert set(plan.assignments) == {"text_encoder", "decoder", "audio_encoder"}
     assert plan.meta["measured"]["bytes"] == plan.predicted["bytes"] <= plan.meta["paper_plan"]["bytes"]
     assert "paper plan" in capsys.readouterr().out
+
+
+def _env():
+    root = Path(__file__).resolve().parents[1]
+    return {**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{root / 'examples'}"}
+
+
+def test_show_all_adds_the_modules_that_hold_no_tensors(plan_file, model_dir, capsys):
+    def rows(extra):
+        assert main(["plan", "show", str(plan_file), "--model", str(model_dir), *extra]) == 0
+        lines = capsys.readouterr().out.splitlines()
+        table = lines[next(i for i, ln in enumerate(lines) if ln.split()[:2] == ["module", "dtype"]) + 1 :]
+        return {ln.split()[0]: ln.split()[1:] for ln in table if ln.startswith(("text_encoder", "decoder", "audio_encoder"))}
+
+    some, every = rows([]), rows(["--all"])
+    assert set(some) < set(every) and all(every[k] == v for k, v in some.items())
+    assert "decoder.model.decoder.layers.0" not in some  # a layer holds no tensors itself
+    assert every["decoder.model.decoder.layers.0"] == ["fp16", "-", "decoder"]
+    assert every["text_encoder.encoder.block.0"] == ["int8", "-", "text_encoder"]
+
+
+def test_installed_console_script(plan_file, tmp_path):
+    script = Path(sys.executable).with_name("kdq")
+    if not script.is_file():
+        pytest.skip(f"no installed kdq console script next to {sys.executable}")
+    res = subprocess.run([str(script), "plan", "show", str(plan_file)], capture_output=True, text=True, env=_env(), timeout=120)
+    assert res.returncode == 0 and any(ln.split()[:2] == ["decoder", "fp16"] for ln in res.stdout.splitlines())
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"schema": "kdq.plan/1", "assignments": {"decoder": "fp12"}}')
+    res = subprocess.run([str(script), "plan", "show", str(bad)], capture_output=True, text=True, env=_env(), timeout=120)
+    assert res.returncode == 2 and res.stderr.startswith("kdq: error:") and "'fp16'" in res.stderr
+    res = subprocess.run([str(script), "--help"], capture_output=True, text=True, env=_env(), timeout=120)
+    assert res.returncode == 0 and "plan" in res.stdout
+
+
+def test_show_on_a_hostile_plan_stays_fast(model_dir, tmp_path):
+    """Issue 13 item 8: a pattern that backtracks exponentially in `re`, against every module name."""
+    hostile = Plan({r"re:(\w+\.?)*X": "int8", "decoder": "fp16"}).save(tmp_path / "hostile.json")
+    cmd = [sys.executable, "-m", "kdq.cli", "plan", "show", str(hostile), "--model", str(model_dir), "--all"]
+    try:
+        res = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=120)
+    except subprocess.TimeoutExpired:
+        pytest.fail("kdq plan show on a hostile plan did not finish in 120 s")
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "rules that set no module: ['re:(\\\\w+\\\\.?)*X']" in res.stdout

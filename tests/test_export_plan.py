@@ -133,22 +133,28 @@ def test_conformance_detects_graphs_that_do_not_carry_the_plan(net_graph):
 
 def test_bf16_and_unsupported_ops_are_typed_errors(net_graph, tmp_path):
     net, g = net_graph
-    with pytest.raises(PlanExportError, match="bf16"):
+    with pytest.raises(PlanExportError, match="no bf16 kernels"):
         apply_plan_onnx(g, Plan({"mlp": "bf16"}), _names(net))
 
     class Up(nn.Module):
         def __init__(self):
             super().__init__()
             self.up = nn.ConvTranspose1d(4, 4, 4, stride=2)
+            self.lin = nn.Linear(8, 4)
 
         def forward(self, x):
-            return self.up(x)
+            return self.up(x), self.lin(x[:, 0])  # a Linear on 2-D input exports as Gemm
 
-    path = export_onnx(Up().eval(), {"x": torch.randn(1, 4, 8)}, tmp_path / "up.onnx", output_names=["y"],
-                       dynamic_axes={"x": {2: "t"}})
-    with pytest.raises(PlanConformanceError, match="ConvTranspose") as err:
-        apply_plan_onnx(onnx.load(str(path)), Plan({"up": "int8"}), ["", "up"])
-    assert err.value.violations[0][3:] == ("int8", "fp32")
+    path = export_onnx(Up().eval(), {"x": torch.randn(1, 4, 8)}, tmp_path / "up.onnx", output_names=["y", "z"],
+                       dynamic_axes={"x": {0: "b"}})
+    # int8 means what it means in kdq.quant (kdq.dtypes.TABLE): Linear/Embedding int8, convolutions fp32
+    out, rep = apply_plan_onnx(onnx.load(str(path)), Plan({"up": "int8", "lin": "int8"}), ["", "up", "lin"])
+    assert rep.violations == [] and rep.kept_by_op_type == {"ConvTranspose(int8->fp32)": 1}
+    assert {n.op_type for n in out.graph.node} >= {"ConvTranspose", "MatMulInteger"}
+    # ONNX has no 4-bit Gemm: the table says so, and the export refuses rather than ship fp32 as int4
+    with pytest.raises(PlanConformanceError, match="Gemm") as err:
+        apply_plan_onnx(onnx.load(str(path)), Plan({"lin": "int4"}), ["", "up", "lin"])
+    assert err.value.violations[0][1:] == ("Gemm", "lin", "int4", "fp32")
 
 
 class Step(nn.Module):

@@ -8,9 +8,10 @@ import re
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+import torch
 from torch import nn
 
-from kdq.quant import DTYPES, Plan, PlanError, apply_plan, model_fingerprint
+from kdq.quant import DTYPES, Plan, PlanError, apply_plan, explain_plan, model_fingerprint
 from kdq.quant.plan import GroupRecord
 
 # ---------------------------------------------------------------------------- precedence, by example
@@ -199,12 +200,12 @@ def test_explain_names_the_rule_per_module():
     import io
 
     buf = io.StringIO()
-    rows = Plan({"body": "fp16", "body.2": "int8"}).explain(_Toy(), file=buf)
+    rows = explain_plan(_Toy(), Plan({"body": "fp16", "body.2": "int8"}), file=buf)
     assert ("body.0", "fp16", "fp16", "body") in rows
     assert ("body.1", "fp16", "fp16", "body") in rows
     assert ("body.2", "int8", "int8", "body.2") in rows
     assert ("emb", "fp32", "fp32", "(default)") in rows
-    rows = Plan({"body": "int8"}).explain(_Toy(), file=False)
+    rows = explain_plan(_Toy(), Plan({"body": "int8"}), file=False)
     assert ("body.1", "int8", "fp32", "body") in rows  # LayerNorm: int8 is weight-only for Linear/Embedding
     assert "body.2" in buf.getvalue() and "(default)" in buf.getvalue()
 
@@ -212,3 +213,227 @@ def test_explain_names_the_rule_per_module():
 def test_json_file_is_readable():
     data = json.loads(Plan({"decoder": "fp16"}).to_json())
     assert data["schema"] == "kdq.plan/1" and data["assignments"] == {"decoder": "fp16"}
+
+
+# ---------------------------------------------------------------------------- without torch
+_NO_TORCH = """
+import sys
+sys.modules["torch"] = None  # any `import torch` now raises ImportError
+import json, tempfile, pathlib
+import kdq._io, kdq.dtypes, kdq.quant.plan, kdq.export.atomic
+from kdq.quant import DTYPES, Plan, PlanError
+from kdq.dtypes import TABLE
+assert DTYPES == tuple(TABLE) and TABLE["int8"].modules == ("Linear", "Embedding")
+d = pathlib.Path(tempfile.mkdtemp())
+p = Plan({"decoder": "fp16", "re:.*heads\\\\.\\\\d+": "int8"})
+assert Plan.load(p.save(d / "plan.json")) == p
+p.check_rules(["decoder", "decoder.heads.0"])
+try:
+    p.check_rules(["decoderr"])
+except PlanError as e:
+    assert "did you mean 'decoderr'" in str(e), e
+else:
+    raise SystemExit("no PlanError")
+kdq.export.atomic.write_text_atomic(d / "x.txt", "y")
+assert "torch" not in {m.split(".")[0] for m in sys.modules if sys.modules[m] is not None}
+print("ok")
+"""
+
+
+def test_plan_dtype_table_and_io_import_without_torch():
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    res = subprocess.run([sys.executable, "-c", _NO_TORCH], capture_output=True, text=True, env=env, timeout=60)
+    assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr[-2000:]
+
+
+# ---------------------------------------------------------------------------- hostile patterns
+_HOSTILE = r"re:(\w+\.?)*X"  # backtracks exponentially in re: 5 s at 36 characters, x2 per character
+_LONG = ".".join(["decoder", "model", "decoder", "layers", "11", "self_attn", "q_proj"] * 3)  # 137 characters
+_HOSTILE_RUN = f"""
+import sys
+sys.modules["torch"] = None
+from kdq.quant.plan import Plan
+from kdq.quant import PlanError
+p = Plan({{{_HOSTILE!r}: "int8", "decoder": "fp16", r"re:(a|a)*b": "int4", r"re:(.*)*Y": "bf16"}})
+names = [{_LONG!r}[:i] for i in range(1, {len(_LONG)}) if {_LONG!r}[i] == "."] + [{_LONG!r}]
+assert set(p.resolve(names).values()) == {{"fp16"}}
+assert p.unused_rules(names) == [{_HOSTILE!r}, r"re:(a|a)*b", r"re:(.*)*Y"]
+try:
+    p.check_rules(names)
+except PlanError as e:
+    assert "matches no module" in str(e)
+print("ok")
+"""
+
+
+def test_a_catastrophic_pattern_resolves_in_linear_time():
+    """Issue 13 item 8: the reproduction, on names four times longer, under a time limit."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    try:
+        res = subprocess.run([sys.executable, "-c", _HOSTILE_RUN], capture_output=True, text=True, env=env, timeout=20)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"resolving {_HOSTILE!r} against a {len(_LONG)}-character name took more than 20 s")
+    assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr[-2000:]
+
+
+# ---------------------------------------------------------------------------- the matcher against re
+_atom = st.sampled_from(["a", "b", "0", r"\.", ".", r"\d", r"\w", "[ab]", "[^a.]", "[0-9b]", r"\W", "(?:)"])
+
+
+def _regexes():
+    def extend(inner):
+        return st.one_of(
+            st.tuples(inner, inner).map("".join),
+            st.tuples(inner, inner).map(lambda t: f"(?:{t[0]}|{t[1]})"),
+            inner.map(lambda x: f"({x})"),
+            st.tuples(inner, st.sampled_from(["*", "+", "?", "*?", "+?", "{2}", "{0,2}", "{1,3}?", "{2,}"])).map(
+                lambda t: f"(?:{t[0]}){t[1]}"
+            ),
+        )
+
+    core = st.recursive(_atom, extend, max_leaves=8)
+    return st.tuples(st.sampled_from(["", "^", r"\A"]), core, st.sampled_from(["", "$", r"\Z"])).map("".join)
+
+
+@settings(max_examples=300, deadline=None)
+@given(pattern=_regexes(), names=st.lists(st.lists(st.text("ab0_.", min_size=1, max_size=3), min_size=1, max_size=4).map(".".join), min_size=1, max_size=6))
+def test_name_matcher_equals_re_fullmatch_on_every_prefix(pattern, names):
+    from kdq.quant.pattern import NameMatcher
+
+    m = NameMatcher(pattern)
+    ref = re.compile(pattern)
+    for name in names:
+        assert m.fullmatch(name) == (ref.fullmatch(name) is not None), (pattern, name)
+        parts = name.split(".")
+        prefixes = [".".join(parts[:k]) for k in range(1, len(parts) + 1)]
+        want = [k for k, prefix in enumerate(prefixes, start=1) if prefix and ref.fullmatch(prefix)]
+        assert list(m.match_depths(name)) == want, (pattern, name)
+
+
+@pytest.mark.parametrize(
+    "pattern, needle",
+    [
+        (r"(a)\1", "not supported"),
+        (r"a(?=b)", "not supported"),
+        (r"(?i)decoder", "flags"),
+        (r"a++", "not supported"),
+        (r"\bdecoder", "word boundaries"),
+        (r"(a{100}){1000}", "too large"),
+        (r"(", "missing"),
+    ],
+)
+def test_unsupported_patterns_are_plan_errors(pattern, needle):
+    with pytest.raises(PlanError, match=needle):
+        Plan({"re:" + pattern: "int8"})
+
+
+# ---------------------------------------------------------------------------- apply_plan: all or nothing
+class _Mixed(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = nn.Embedding(10, 16)
+        self.body = nn.Sequential(nn.Linear(16, 16), nn.LayerNorm(16), nn.Linear(16, 16), nn.Linear(16, 8))
+        self.head = nn.Linear(8, 10, bias=False)
+
+    def forward(self, ids):
+        return self.head(self.body(self.emb(ids)))
+
+
+def _snapshot(model):
+    return (
+        [(n, type(m)) for n, m in model.named_modules()],
+        {k: (v, v.dtype, v.data_ptr()) for k, v in model.state_dict(keep_vars=True).items()},
+        {k: v.clone() for k, v in model.state_dict().items()},
+    )
+
+
+def _assert_untouched(model, snap):
+    modules, tensors, values = snap
+    assert [(n, type(m)) for n, m in model.named_modules()] == modules
+    now = model.state_dict(keep_vars=True)
+    assert now.keys() == tensors.keys()
+    for k, (t, dtype, ptr) in tensors.items():
+        assert now[k] is t and now[k].dtype == dtype and now[k].data_ptr() == ptr, k
+        assert torch.equal(now[k].detach(), values[k]), k
+    for _, m in model.named_modules():
+        assert not m._forward_pre_hooks and "_kdq_compute" not in m.__dict__ and getattr(m, "_kdq_cast_hook", None) is None
+    assert not hasattr(model, "_kdq_plan")
+
+
+@pytest.mark.parametrize("fail_at", [1, 2, 3])
+def test_apply_plan_that_fails_midway_leaves_the_model_exactly_as_it_was(monkeypatch, fail_at):
+    """Issue 13 item 6: an error while converting undoes every conversion, hook and compute mark."""
+    from kdq.quant.dtypes import Int4Linear
+
+    model = _Mixed()
+    ids = torch.tensor([[1, 2, 3]])
+    before_out = model(ids)
+    snap = _snapshot(model)
+    calls = []
+    real = Int4Linear.from_float.__func__
+
+    def flaky(cls, linear, memo=None):
+        calls.append(1)
+        if len(calls) == fail_at:
+            raise RuntimeError("conversion failed")
+        return real(cls, linear, memo)
+
+    monkeypatch.setattr(Int4Linear, "from_float", classmethod(flaky))
+    plan = Plan({"emb": "fp16", "body.0": "int4", "body.1": "bf16", "body.2": "int4", "body.3": "int4", "head": "int8"})
+    with pytest.raises(RuntimeError, match="conversion failed"):
+        apply_plan(model, plan)
+    _assert_untouched(model, snap)
+    assert torch.equal(model(ids), before_out)
+    monkeypatch.undo()
+    apply_plan(model, plan)  # and the same model converts cleanly afterwards
+    assert isinstance(model.body[3], Int4Linear) and model.emb.weight.dtype == torch.float16
+
+
+def test_apply_plan_validates_everything_before_converting():
+    model = _Mixed()
+    snap = _snapshot(model)
+    for plan in (Plan({"body.0": "fp16", "bodyy": "int8"}), Plan({"emb": "int8"}, model={"fingerprint": "sha256:0"})):
+        with pytest.raises(PlanError):
+            apply_plan(model, plan)
+        _assert_untouched(model, snap)
+
+
+@pytest.mark.parametrize("first, second", [
+    ({"body": "int4"}, {"body": "fp16"}),   # int4 scales used to drift to fp32 under the fp16 plan
+    ({"body": "int8"}, {"body": "fp16"}),   # the fp16 rule used to leave Int8Linear in place
+    ({"emb": "fp16"}, {"emb": "fp16"}),     # even the same plan: converting twice is not defined
+    ({}, {"head": "int8"}),                 # an all-fp32 plan marks the model as converted too
+])
+def test_a_second_plan_over_a_converted_model_is_refused(first, second):
+    model = apply_plan(_Mixed(), Plan(first))
+    snap = _snapshot(model)
+    with pytest.raises(PlanError, match="already converted"):
+        apply_plan(model, Plan(second))
+    modules, tensors, _ = snap
+    assert [(n, type(m)) for n, m in model.named_modules()] == modules
+    assert all(model.state_dict(keep_vars=True)[k] is t for k, (t, _, _) in tensors.items())
+
+
+def test_a_plan_file_that_is_not_utf8_names_the_file(tmp_path):
+    """Issue 13 item 10: a non-UTF-8 plan file raised a raw UnicodeDecodeError."""
+    path = tmp_path / "latin1.json"
+    path.write_bytes('{"schema": "kdq.plan/1", "assignments": {"décodeur": "fp16"}}'.encode("latin-1"))
+    with pytest.raises(PlanError, match=rf"{re.escape(str(path))}.*not UTF-8 text \(byte 43 is 0xe9\)"):
+        Plan.load(path)
+    path.write_text("{broken")
+    with pytest.raises(PlanError, match=rf"{re.escape(str(path))}.*not valid JSON"):
+        Plan.load(path)
+    with pytest.raises(PlanError, match="is a folder"):
+        Plan.load(tmp_path)

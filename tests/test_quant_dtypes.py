@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -39,29 +40,75 @@ def _weights(shape, seed, scale):
     return w
 
 
+# ---------------------------------------------------------------------------- independent references
+# Written from the definitions in kdq/quant/dtypes.py's docstring with numpy, sharing no code with the
+# quantizers: same IEEE float32 operations, so codes and scales must agree exactly.
+def _int8_reference(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per row: s = max|w| / 127 (float32, at least float32's tiny), q = clip(rint(w / s), -127, 127)."""
+    w = w.astype(np.float32)
+    s = np.maximum(np.abs(w).max(axis=1) / np.float32(127), np.finfo(np.float32).tiny).astype(np.float32)
+    return np.clip(np.rint(w / s[:, None]), -127, 127).astype(np.int8), s
+
+
+def _int4_reference(w: np.ndarray, group: int = 32) -> tuple[np.ndarray, np.ndarray]:
+    """Per row and group of ``group`` columns (zero-padded): s = fp16(max|w| / 7), q = clip(rint(w / s), -8, 7)."""
+    w = w.astype(np.float32)
+    rows, cols = w.shape
+    ngroups = -(-cols // group)
+    wg = np.pad(w, ((0, 0), (0, ngroups * group - cols))).reshape(rows, ngroups, group)
+    s = np.maximum(np.abs(wg).max(axis=2) / np.float32(7), np.finfo(np.float16).tiny).astype(np.float16)
+    q = np.clip(np.rint(wg / s.astype(np.float32)[:, :, None]), -8, 7).astype(np.int8)
+    return q.reshape(rows, -1)[:, :cols], s
+
+
+def _unpack_int4(packed: torch.Tensor, cols: int) -> np.ndarray:
+    """Codes from the packed bytes: element 2k is byte k's low nibble, 2k+1 its high one, offset by 8."""
+    b = packed.numpy().astype(np.int16)
+    q = np.empty((b.shape[0], 2 * b.shape[1]), dtype=np.int16)
+    q[:, 0::2], q[:, 1::2] = (b & 0xF) - 8, (b >> 4) - 8
+    return q[:, :cols].astype(np.int8)
+
+
+def _steps(scale_per_group: np.ndarray, cols: int, group: int = 32) -> np.ndarray:
+    return np.repeat(scale_per_group.astype(np.float64), group, axis=1)[:, :cols]
+
+
 @settings(max_examples=40, deadline=None)
 @given(shape=st.sampled_from(SHAPES), seed=st.integers(0, 10_000), scale=st.sampled_from([1e-6, 1e-2, 1.0, 300.0]))
-def test_int8_error_is_at_most_half_a_step(shape, seed, scale):
+def test_int8_scale_codes_and_error_against_an_independent_quantizer(shape, seed, scale):
     w = _weights(shape, seed, scale)
     q, s = quantize_int8(w)
     assert q.dtype == torch.int8 and s.dtype == torch.float32 and s.shape == (shape[0],)
-    assert int(q.abs().max()) <= 127
-    err = (dequantize_int8(q, s) - w).abs()
-    assert bool((err <= s[:, None] / 2 * (1 + 1e-6) + 1e-30).all())
+    q_ref, s_ref = _int8_reference(w.numpy())
+    np.testing.assert_array_equal(s.numpy(), s_ref)  # scale = absmax / 127, computed elsewhere
+    np.testing.assert_array_equal(q.numpy(), q_ref)
+    a = w.abs().numpy()
+    for r in range(shape[0]):  # the full range is used: each nonzero row reaches +-127 at its absmax
+        if a[r].max() > 0:
+            j = int(a[r].argmax())
+            assert int(q[r, j]) == (127 if w[r, j] > 0 else -127) and int(q[r].abs().max()) == 127
+    err = np.abs(q_ref.astype(np.float64) * s_ref[:, None] - w.numpy().astype(np.float64))
+    assert (err <= s_ref[:, None].astype(np.float64) / 2 * (1 + 1e-6) + 1e-30).all()
+    np.testing.assert_array_equal(dequantize_int8(q, s).numpy(), q_ref.astype(np.float32) * s_ref[:, None])
 
 
 @settings(max_examples=40, deadline=None)
 @given(shape=st.sampled_from(SHAPES), seed=st.integers(0, 10_000), scale=st.sampled_from([1e-3, 1.0, 300.0]))
-def test_int4_error_is_at_most_half_a_step(shape, seed, scale):
+def test_int4_codes_scales_and_error_against_an_independent_quantizer(shape, seed, scale):
     w = _weights(shape, seed, scale)
     packed, s = quantize_int4(w)
     ngroups = -(-shape[1] // INT4_GROUP)
     assert packed.dtype == torch.uint8 and packed.shape == (shape[0], ngroups * INT4_GROUP // 2)
     assert s.dtype == torch.float16 and s.shape == (shape[0], ngroups)
+    q_ref, s_ref = _int4_reference(w.numpy())
+    np.testing.assert_array_equal(s.numpy(), s_ref)
+    np.testing.assert_array_equal(_unpack_int4(packed, shape[1]), q_ref)
     back = dequantize_int4(packed, s, shape[1])
     assert back.shape == w.shape
-    step = s.float().repeat_interleave(INT4_GROUP, dim=1)[:, : shape[1]]
-    assert bool(((back - w).abs() <= step / 2 * (1 + 1e-3) + 1e-30).all())
+    # Against the original weights, with the bound the group scales give: half a step (|w| / s <= 7.004
+    # after fp16 rounding of s, so the clamp at 7 never costs more than that).
+    step = _steps(s_ref, shape[1])
+    assert (np.abs(back.numpy().astype(np.float64) - w.numpy()) <= step / 2 * (1 + 1e-6) + 1e-30).all()
 
 
 def test_int4_packing_is_lossless_on_the_grid():
@@ -73,44 +120,138 @@ def test_int4_packing_is_lossless_on_the_grid():
     assert torch.equal(dequantize_int4(packed, s, q.shape[1]), q)
 
 
-@pytest.mark.parametrize("dtype", [d for d in DTYPES if d != "fp32"])
-def test_sqnr_floor_per_dtype(dtype):
-    w = torch.randn(256, 512, generator=torch.Generator().manual_seed(0))
+# Theoretical SQNR of each dtype for N(0, 1) weights (signal power 1), which the floors sit under by 1 dB:
+#
+# Integer, symmetric, step D = M / L over a block of n values (int8: a row, L = 127; int4: a group of
+# 32, L = 7), M = max |w| of the block. Rounding errors of the n - 1 other values are uniform on
+# [-D/2, D/2] (D is a tenth of sigma or less), power D^2 / 12; the maximum itself is on the grid (error
+# 0). So the noise power is (n - 1) / n * E[M^2] / (12 L^2), and E[M^2] for the maximum of n |N(0, 1)|
+# follows from P(M <= m) = erf(m / sqrt 2)^n: E[M^2] = integral_0^inf 2 m (1 - erf(m / sqrt 2)^n) dm.
+#
+# Float with p significant bits (fp16 11, bf16 8), round to nearest: in the binade [2^e, 2^(e+1)) the
+# spacing is 2^(e - p + 1) and the error is uniform, power 4^(e - p + 1) / 12; weighted by the binade's
+# probability P(2^e <= |w| < 2^(e+1)) = erf(2^(e+1) / sqrt 2) - erf(2^e / sqrt 2). (Subnormals: a
+# 1e-5 share of N(0, 1), negligible.)
+def _theory_sqnr_db(dtype: str, cols: int) -> float:
+    from scipy.special import erf
+
+    if dtype in ("int8", "int4"):
+        levels, n = (127, cols) if dtype == "int8" else (7, INT4_GROUP)
+        m = np.linspace(0.0, 12.0, 200_001)
+        e_max_sq = np.trapezoid(2 * m * (1 - erf(m / np.sqrt(2)) ** n), m)
+        return float(10 * np.log10(12 * levels**2 / (e_max_sq * (n - 1) / n)))
+    p = {"fp16": 11, "bf16": 8}[dtype]
+    e = np.arange(-40, 8, dtype=np.float64)
+    share = erf(2 ** (e + 1) / np.sqrt(2)) - erf(2**e / np.sqrt(2))
+    return float(-10 * np.log10((share * 4.0 ** (e - p + 1) / 12).sum()))
+
+
+def _round_trip(w: torch.Tensor, dtype: str) -> torch.Tensor:
     if dtype == "int8":
-        approx = dequantize_int8(*quantize_int8(w))
-    elif dtype == "int4":
-        approx = dequantize_int4(*quantize_int4(w), w.shape[1])
-    else:
-        approx = w.to(get_dtype(dtype).storage).float()
-    assert sqnr_db(w, approx) >= SQNR_FLOOR_DB[dtype]
+        return dequantize_int8(*quantize_int8(w))
+    if dtype == "int4":
+        return dequantize_int4(*quantize_int4(w), w.shape[1])
+    return w.to(get_dtype(dtype).storage).float()
+
+
+@pytest.mark.parametrize("dtype", [d for d in DTYPES if d != "fp32"])
+def test_sqnr_is_the_theoretical_one_and_the_floor_is_within_1_db(dtype):
+    w = torch.randn(256, 512, generator=torch.Generator().manual_seed(0))
+    theory = _theory_sqnr_db(dtype, 512)
+    measured = sqnr_db(w, _round_trip(w, dtype))
+    assert abs(measured - theory) < 0.5, (measured, theory)  # a 2x coarser step costs 6 dB
+    assert theory - 1.0 <= SQNR_FLOOR_DB[dtype] <= theory and measured >= SQNR_FLOOR_DB[dtype]
     assert sqnr_db(w, w) == float("inf")
+
+
+@pytest.mark.parametrize("rows, cols", [(1024, 64), (64, 2048)])
+def test_int8_sqnr_follows_the_row_length(rows, cols):
+    w = torch.randn(rows, cols, generator=torch.Generator().manual_seed(1))
+    assert abs(sqnr_db(w, _round_trip(w, "int8")) - _theory_sqnr_db("int8", cols)) < 0.5
 
 
 @pytest.mark.parametrize("cls, dtype", [(Int8Linear, "int8"), (Int4Linear, "int4")])
 @pytest.mark.parametrize("bias", [True, False])
-def test_quantized_linear_matches_reference(cls, dtype, bias):
+def test_quantized_linear_against_the_float_layer_and_an_independent_quantizer(cls, dtype, bias):
     torch.manual_seed(0)
     lin = nn.Linear(47, 31, bias=bias)
     qlin = cls.from_float(lin)
     assert qlin.qweight.dtype == (torch.int8 if dtype == "int8" else torch.uint8)
+    w = lin.weight.detach().numpy()
+    if dtype == "int8":
+        q_ref, s_ref = _int8_reference(w)
+        w_ref = q_ref.astype(np.float32) * s_ref[:, None]
+        step = np.repeat(s_ref[:, None].astype(np.float64), w.shape[1], axis=1)
+    else:
+        q_ref, s_ref = _int4_reference(w)
+        w_ref = q_ref.astype(np.float32) * _steps(s_ref, w.shape[1]).astype(np.float32)
+        step = _steps(s_ref, w.shape[1])
     x = torch.randn(3, 5, 47)
-    w = qlin.dequantized_weight()
-    ref = F.linear(x, w, lin.bias)
-    torch.testing.assert_close(qlin(x), ref, rtol=1e-5, atol=1e-5)
-    assert sqnr_db(lin(x), qlin(x)) >= SQNR_FLOOR_DB[dtype] - 10  # output noise stays near the weight's
+    ref = F.linear(x, torch.from_numpy(w_ref), lin.bias)
+    torch.testing.assert_close(qlin(x), ref, rtol=1e-6, atol=1e-6)
+    # Against the float layer: |y - y_float| <= sum_j |x_j| |dW_ij| <= |x| @ (step / 2)^T.
+    bound = x.abs().double() @ torch.from_numpy(step / 2).T
+    assert bool(((qlin(x) - lin(x)).abs().double() <= bound * (1 + 1e-5) + 1e-6).all())
     assert qlin.weight.shape == lin.weight.shape
     xb = x.to(torch.bfloat16)
     assert qlin(xb).dtype == torch.bfloat16
 
 
 @pytest.mark.parametrize("cls", [Int8Embedding, Int4Embedding])
-def test_quantized_embedding_matches_reference(cls):
+def test_quantized_embedding_against_the_float_table_and_an_independent_quantizer(cls):
     torch.manual_seed(0)
     emb = nn.Embedding(50, 37, padding_idx=0)
     qemb = cls.from_float(emb)
     ids = torch.tensor([[0, 3, 49], [7, 7, 1]])
-    torch.testing.assert_close(qemb(ids), F.embedding(ids, qemb.dequantized_weight()), rtol=0, atol=1e-6)
-    assert qemb(ids).dtype == torch.float32
+    w = emb.weight.detach().numpy()
+    if cls is Int8Embedding:
+        q_ref, s_ref = _int8_reference(w)
+        step = np.repeat(s_ref[:, None].astype(np.float64), w.shape[1], axis=1)
+    else:
+        q_ref, s_ref = _int4_reference(w)
+        step = _steps(s_ref, w.shape[1])
+    w_ref = (q_ref.astype(np.float64) * step).astype(np.float32)
+    out = qemb(ids)
+    assert out.dtype == torch.float32
+    np.testing.assert_array_equal(out.numpy(), w_ref[ids.numpy()])
+    err = np.abs(out.numpy().astype(np.float64) - w[ids.numpy()])
+    assert (err <= step[ids.numpy()] / 2 * (1 + 1e-6) + 1e-30).all()
+
+
+def test_the_dtype_table_is_what_kdq_quant_does():
+    """kdq.dtypes.TABLE is read by kdq.quant and kdq.export; here its rows against the torch side."""
+    from kdq.dtypes import MODULE_OPS, TABLE, WEIGHTED_OPS
+    from kdq.quant.dtypes import HANDLERS, MODULE_KINDS, quantized_class
+
+    assert tuple(TABLE) == DTYPES
+    for name, info in TABLE.items():
+        spec = get_dtype(name)
+        packed = 2 if name == "int4" else 1  # int4 stores two values per uint8
+        assert torch.empty((), dtype=spec.storage).element_size() * 8 == info.bits * packed
+        assert spec.weight_only == info.weight_only and (spec.compute == torch.float32) == (info.weight_only or name == "fp32")
+        for kind, cls in MODULE_KINDS.items():
+            q = quantized_class(cls(4, 4), name)
+            assert (q is not None) == (kind in info.modules), (name, kind)
+            assert q is None or (q is HANDLERS[(name, kind)] and q.kdq_dtype == name)
+        assert quantized_class(nn.Conv1d(2, 2, 1), name) is None and quantized_class(nn.LayerNorm(4), name) is None
+        if info.onnx is None:
+            assert info.onnx_refusal, name
+            continue
+        # Both sides convert the ops of the same module kinds; every exception is explained in the row.
+        same = {op: (name if not info.weight_only or any(op in MODULE_OPS[k] for k in info.modules) else "fp32")
+                for op in WEIGHTED_OPS}
+        for op in WEIGHTED_OPS:
+            if info.onnx.get(op) != same[op]:
+                assert any(d.startswith(op) for d in info.differences), (name, op, info.onnx.get(op))
+
+
+@pytest.mark.parametrize("dtype", ["int8", "int4"])
+def test_integer_dtypes_convert_exactly_the_tables_module_kinds(dtype):
+    m = nn.ModuleDict({"lin": nn.Linear(64, 8), "emb": nn.Embedding(10, 64), "conv": nn.Conv1d(4, 4, 3),
+                       "up": nn.ConvTranspose1d(4, 4, 3), "norm": nn.LayerNorm(64)})
+    apply_plan(m, Plan({k: dtype for k in m}))
+    assert {k for k, v in m.items() if getattr(v, "kdq_dtype", "") == dtype} == {"lin", "emb"}
+    assert all(p.dtype == torch.float32 for k in ("conv", "up", "norm") for p in m[k].parameters())
 
 
 class _TiedLM(nn.Module):

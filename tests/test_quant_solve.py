@@ -7,7 +7,7 @@ import math
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from kdq.quant import BudgetError
@@ -110,3 +110,79 @@ def test_exact_ties_resolve_to_the_first_candidate():
     b = np.array([[100, 50, 100], [100, 50, 25]])
     sol = solve_mckp(s, b, max_bytes=125)
     assert sol.choice == (0, 2) and sol.bytes == 125
+
+
+@pytest.mark.parametrize("budget", [{"max_bytes": math.inf}, {"max_bytes": math.nan}, {"max_bytes": -math.inf},
+                                    {"max_bytes": "1e9"}, {"max_bytes": True}, {"max_sensitivity": math.nan},
+                                    {"max_sensitivity": "0.1"}])
+def test_non_numeric_budgets_are_budget_errors(budget):
+    """Issue 13 item 10: solve(max_bytes=inf) raised OverflowError, nan a ValueError from int()."""
+    s = np.array([[0.0, 1.0], [0.0, 2.0]])
+    b = np.array([[400, 100], [800, 200]])
+    (arg, value), = budget.items()
+    with pytest.raises(BudgetError, match=rf"{arg}={value!r} is not allowed"):
+        solve_mckp(s, b, **budget)
+
+
+def test_an_infinite_quality_budget_gives_the_smallest_plan():
+    s = np.array([[0.0, 1.0], [0.0, 2.0]])
+    b = np.array([[400, 100], [800, 200]])
+    assert solve_mckp(s, b, max_sensitivity=math.inf).choice == (1, 1)
+
+
+# ---------------------------------------------------------------------------- everything at once, on a grid
+# Values on a grid of quarters are exact in binary, so ties are real ties and the tie-breaks are
+# checked exactly; inf and NaN entries are forbidden choices; extra cost columns have limits.
+@st.composite
+def hard_tables(draw, max_groups=4, max_dtypes=3):
+    G = draw(st.integers(1, max_groups))
+    D = draw(st.integers(1, max_dtypes))
+    cell = st.one_of(st.integers(0, 12).map(lambda k: k / 4), st.sampled_from([math.inf, math.nan]))
+    s = np.array(draw(st.lists(cell, min_size=G * D, max_size=G * D)), dtype=float).reshape(G, D)
+    b = np.array(draw(st.lists(st.integers(1, 6), min_size=G * D, max_size=G * D)), dtype=np.int64).reshape(G, D)
+    extra = {}
+    for k in range(draw(st.integers(0, 2))):
+        cost = np.array(draw(st.lists(st.integers(0, 8), min_size=G * D, max_size=G * D)), dtype=float).reshape(G, D)
+        extra[f"cost{k}"] = (cost, float(draw(st.integers(0, 8 * G))))
+    return s, b, draw(st.integers(0, 5)), extra
+
+
+_TIE = (np.array([[0.0, 0.0], [0.25, 0.25]]), np.array([[5, 1], [3, 2]]), 0, {})  # ties in both objectives
+
+
+@settings(max_examples=200, deadline=None)
+@given(t=hard_tables(), frac=st.floats(0, 1), by_bytes=st.booleans())
+@example(t=_TIE, frac=1.0, by_bytes=True).via("the tie-break, deterministically")
+@example(t=_TIE, frac=1.0, by_bytes=False).via("the tie-break, deterministically")
+@example(t=(np.array([[math.nan, 0.5], [0.0, math.inf]]), np.array([[1, 9], [9, 1]]), 0,
+            {"latency": (np.array([[0.0, 1.0], [3.0, 0.0]]), 3.0)}), frac=1.0, by_bytes=True).via("forbidden + limit")
+def test_solver_equals_brute_force_with_forbidden_choices_extra_limits_and_ties(t, frac, by_bytes):
+    s, b, rest, extra = t
+    allowed = np.isfinite(s)
+    if not allowed.any(axis=1).all():
+        with pytest.raises(BudgetError, match="no candidate with a finite sensitivity"):
+            solve_mckp(s, b, rest_bytes=rest, max_bytes=10**6, extra=extra)
+        return
+    if by_bytes:
+        lo = rest + int(np.where(allowed, b, 10**9).min(axis=1).sum())
+        hi = rest + int(np.where(allowed, b, 0).max(axis=1).sum())
+        budget = {"max_bytes": int(lo + frac * (hi - lo))}
+    else:
+        lo = float(np.where(allowed, s, np.inf).min(axis=1).sum())
+        hi = float(np.where(allowed, s, -np.inf).max(axis=1).sum())
+        budget = {"max_sensitivity": round((lo + frac * (hi - lo)) * 4) / 4}
+    best = brute_force(s, b, rest_bytes=rest, extra=extra, **budget)
+    if best is None:
+        with pytest.raises(BudgetError):
+            solve_mckp(s, b, rest_bytes=rest, extra=extra, **budget)
+        return
+    sol = solve_mckp(s, b, rest_bytes=rest, extra=extra, **budget)
+    assert all(allowed[g, d] for g, d in enumerate(sol.choice))  # never a broken (inf/NaN) choice
+    assert sol.bytes == rest + sum(int(b[g, d]) for g, d in enumerate(sol.choice))
+    assert sol.sensitivity == sum(s[g, d] for g, d in enumerate(sol.choice))
+    for name, (cost, limit) in extra.items():
+        assert sol.extra[name] == sum(cost[g, d] for g, d in enumerate(sol.choice)) <= limit
+    if by_bytes:  # least sensitivity, then fewest bytes
+        assert sol.bytes <= budget["max_bytes"] and (sol.sensitivity, sol.bytes) == best
+    else:  # fewest bytes, then least sensitivity
+        assert sol.sensitivity <= budget["max_sensitivity"] and (sol.bytes, sol.sensitivity) == best

@@ -9,49 +9,46 @@
   tools, and a check that every node carries its group's dtype. Reads a ``kdq.quant.Plan``; never
   re-plans.
 - ``compare_onnx``: max difference and SNR (dB) of a reduced-precision graph against PyTorch fp32.
+
+Names are imported lazily (on first use): ``kdq.export.atomic`` needs neither torch nor onnx.
 """
 
 from __future__ import annotations
 
-from kdq.export.atomic import atomic_path, save_onnx_atomic, write_text_atomic
-from kdq.export.merge import MergeError, merge_decoders
-from kdq.export.precision import (
-    PlanConformanceError,
-    PlanExportError,
-    PrecisionReport,
-    apply_plan_onnx,
-    check_conformance,
-    node_modules,
-)
-from kdq.export.onnx_export import (
-    OnnxExportError,
-    OnnxParityError,
-    OnnxValidationError,
-    ValidationReport,
-    compare_onnx,
-    export_onnx,
-    ort_session,
-    validate_onnx,
-)
+import importlib
+from typing import Any
 
-__all__ = [
-    "MergeError",
-    "OnnxExportError",
-    "OnnxParityError",
-    "OnnxValidationError",
-    "PlanConformanceError",
-    "PlanExportError",
-    "PrecisionReport",
-    "ValidationReport",
-    "apply_plan_onnx",
-    "atomic_path",
-    "check_conformance",
-    "compare_onnx",
-    "export_onnx",
-    "merge_decoders",
-    "node_modules",
-    "ort_session",
-    "save_onnx_atomic",
-    "validate_onnx",
-    "write_text_atomic",
-]
+_LAZY = {
+    "atomic_path": "kdq.export.atomic",
+    "save_onnx_atomic": "kdq.export.atomic",
+    "write_text_atomic": "kdq.export.atomic",
+    "MergeError": "kdq.export.merge",
+    "merge_decoders": "kdq.export.merge",
+    "PlanConformanceError": "kdq.export.precision",
+    "PlanExportError": "kdq.export.precision",
+    "PrecisionReport": "kdq.export.precision",
+    "apply_plan_onnx": "kdq.export.precision",
+    "check_conformance": "kdq.export.precision",
+    "node_modules": "kdq.export.precision",
+    "OnnxExportError": "kdq.export.onnx_export",
+    "OnnxParityError": "kdq.export.onnx_export",
+    "OnnxValidationError": "kdq.export.onnx_export",
+    "ValidationReport": "kdq.export.onnx_export",
+    "compare_onnx": "kdq.export.onnx_export",
+    "export_onnx": "kdq.export.onnx_export",
+    "ort_session": "kdq.export.onnx_export",
+    "validate_onnx": "kdq.export.onnx_export",
+}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'kdq.export' has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

@@ -1,44 +1,16 @@
-"""Atomic file writes: a failed export never leaves a half-written file behind."""
+"""Atomic file writes for export, on the library-wide ``kdq._io``: a failed export never leaves a
+half-written file behind (temporary file in the same folder, fsync, ``os.replace``, fsync of the folder).
+"""
 
 from __future__ import annotations
 
-import contextlib
 import os
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
+from kdq._io import atomic_path
+from kdq._io import atomic_write_text as write_text_atomic  # the export name of the one text writer
 
-@contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path next to ``path``; move it onto ``path`` only if the block succeeds.
-
-    The temporary file lives in the destination folder, so the final ``os.replace`` is atomic on
-    POSIX file systems. If the block raises, the temporary file is removed and ``path`` is left as it
-    was (absent, or its previous content).
-
-    Example:
-        >>> with atomic_path("model.onnx") as tmp:  # doctest: +SKIP
-        ...     onnx.save(model, tmp)
-    """
-    dest = Path(path)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        yield tmp
-        os.replace(tmp, dest)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
-    """Write ``text`` to ``path`` atomically (UTF-8)."""
-    with atomic_path(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")
-    return Path(path)
+__all__ = ["atomic_path", "save_onnx_atomic", "write_text_atomic"]
 
 
 def save_onnx_atomic(model, path: str | os.PathLike) -> Path:

@@ -5,14 +5,18 @@ produced it (``/decoder/model/decoder/layers.0/self_attn/q_proj/MatMul``). ``nod
 node back to the deepest module of the model that its scope names, so a plan written against
 ``model.named_modules()`` selects ONNX nodes without any hand-written list.
 
-Conversion uses ONNX Runtime's own tools, restricted to the selected nodes:
+Which weighted ops each dtype converts, and to what, is the shared table ``kdq.dtypes.TABLE`` (the
+one ``kdq.quant`` converts modules by): int8 and int4 convert the ops of ``Linear`` and ``Embedding``
+(MatMul, Gemm, Gather) and leave Conv/ConvTranspose fp32, as ``kdq.quant`` leaves convolutions fp32;
+where ONNX cannot do what ``kdq.quant`` does (int4 Gather stored int8, no 4-bit Gemm), the table says
+so and why. Conversion uses ONNX Runtime's own tools, restricted to the selected nodes:
 
 - int8: ``onnxruntime.quantization.quantize_dynamic`` (weight int8 per channel, activations quantized
-  at run time) on the weighted MatMul/Gemm/Gather/Conv nodes of int8 groups (``nodes_to_quantize``).
+  at run time) on the weighted nodes whose table entry is int8 (``nodes_to_quantize``).
 - int4: ``MatMulNBitsQuantizer`` (4-bit blockwise symmetric weights, ``MatMulNBits``) on the MatMul
   nodes of int4 groups (every other MatMul in ``nodes_to_exclude``: its ``nodes_to_include`` widens
-  rather than restricts). ONNX's 4-bit ``Gather`` needs opset 21, so the
-  embedding tables of int4 groups are stored int8 (reported as ``Gather(int4->int8)``).
+  rather than restricts). Embedding tables of int4 groups are stored int8 (reported as
+  ``Gather(int4->int8)``).
 - fp16: ``onnxruntime.transformers.float16.convert_float_to_float16`` with every node outside fp16
   groups in ``node_block_list`` (after clearing ``graph.value_info``, which otherwise makes it emit
   Casts of the wrong type).
@@ -21,7 +25,8 @@ Conversion uses ONNX Runtime's own tools, restricted to the selected nodes:
   ``remove_fp16_round_trips`` bypasses those pairs. Casts of constants to fp16 at real boundaries are folded with
   saturation (``fold_constant_casts_to_fp16``): a run-time Cast turns the attention-mask fill value
   into ``-inf`` and a fully masked row into NaN.
-- bf16 has no kernels in ONNX Runtime's CPU or mobile builds and is refused with a typed error.
+- bf16 has no kernels in ONNX Runtime's CPU or mobile builds and is refused with a typed error
+  (the table's ``onnx_refusal``).
 
 Apply it to each graph before merging decoders: quantizers only see the top-level graph.
 
@@ -30,8 +35,11 @@ a *weighted* node (one that reads a weight initializer: MatMul, Gemm, Gather, Co
 their quantized forms) carries the dtype its weight is stored and computed in (``MatMulInteger`` and
 int8 ``Gather`` -> int8, ``MatMulNBits`` -> int4, a float weight -> its float type); any other node
 carries the float type of its outputs (nodes with no float output, and ``Cast`` and (de)quantize glue,
-carry nothing). Weighted nodes must carry exactly their group's dtype; other nodes must carry fp16 in
-fp16 groups (unless their op type is on the converter's fp32 op block list) and fp32 elsewhere.
+carry nothing). Weighted nodes must carry what the table says their op becomes under their group's
+dtype (``TABLE[dtype].onnx_dtype(op)``: the dtype itself, or fp32 for a Conv in an int8 group, or int8
+for a Gather in an int4 group; such nodes are counted in the report as ``Conv(int8->fp32)``); other
+nodes must carry fp16 in fp16 groups (unless their op type is on the converter's fp32 op block list)
+and fp32 elsewhere.
 """
 
 from __future__ import annotations
@@ -44,13 +52,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kdq.dtypes import DTYPES, TABLE, WEIGHTED_OPS
 from kdq.errors import KdqError
 
-WEIGHTED_OPS = {"MatMul", "Gemm", "Gather", "Conv", "ConvTranspose"}
 INT8_OPS = {"MatMulInteger", "DynamicQuantizeMatMul", "ConvInteger", "QLinearMatMul", "QLinearConv"}
 INT4_OPS = {"MatMulNBits", "GatherBlockQuantized"}
 GLUE_OPS = {"Cast", "DynamicQuantizeLinear", "QuantizeLinear", "DequantizeLinear", "Identity", "Constant"}
-SUPPORTED = ("fp32", "fp16", "int8", "int4")
 _ELEM = {1: "fp32", 10: "fp16", 16: "bf16", 11: "fp64"}
 
 
@@ -145,7 +152,7 @@ def node_modules(model, module_names: Iterable[str], *, prefix: str = "") -> dic
 
 def weight_input(node, inits: Mapping[str, Any]) -> Any | None:
     """The weight initializer a weighted node reads (rank >= 2), or None."""
-    if node.op_type not in WEIGHTED_OPS | INT8_OPS | INT4_OPS:
+    if node.op_type not in {*WEIGHTED_OPS, *INT8_OPS, *INT4_OPS}:
         return None
     idx = {"Gather": [0], "GatherBlockQuantized": [0], "MatMulInteger": [1], "DynamicQuantizeMatMul": [1]}.get(node.op_type, [1, 0])
     for i in idx:
@@ -205,7 +212,9 @@ class PrecisionReport:
         groups: plan rule (or "(default)") -> dtype, for the rules that win for some node's module.
         nodes: dtype -> number of weighted nodes carrying it.
         weight_bytes: dtype -> bytes of weight initializers read by weighted nodes carrying it.
-        kept_by_op_type: fp16-group nodes kept fp32 by the converter's op block list, by op type.
+        kept_by_op_type: nodes that carry something other than their group's dtype by design, by op
+            type: fp16-group nodes kept fp32 by the converter's op block list (``TopK``), and weighted
+            nodes the dtype table realises differently (``Conv(int8->fp32)``, ``Gather(int4->int8)``).
         violations: conformance violations (empty when the graph conforms).
     """
 
@@ -279,10 +288,11 @@ def check_conformance(
             w = weight_input(node, inits)
             if w is not None:
                 wbytes[have] += tensor_bytes(w)
-            if want == "int4" and have == "int8" and node.op_type == "Gather":
-                kept["Gather(int4->int8)"] += 1
-            elif have != want:
-                rep.violations.append((node.name, node.op_type, group, want, have))
+            realised = TABLE[want].onnx_dtype(node.op_type) if want in TABLE else want
+            if have != realised:
+                rep.violations.append((node.name, node.op_type, group, realised, have))
+            elif realised != want:
+                kept[f"{node.op_type}({want}->{realised})"] += 1
         elif have:
             expect = "fp16" if want == "fp16" else "fp32"
             if expect == "fp16" and have == "fp32" and node.op_type in blocked_ops:
@@ -330,23 +340,22 @@ def apply_plan_onnx(
     module_names = list(module_names)
     mods = node_modules(model, module_names, prefix=prefix)
     resolved = resolve_nodes(plan, mods)
-    bad = sorted({d for d in resolved.values() if d not in SUPPORTED})
+    exportable = [d for d in DTYPES if TABLE[d].onnx is not None]
+    bad = sorted({d for d in resolved.values() if d not in exportable})
     if bad:
         users = sorted(m for m, d in resolved.items() if d in bad)[:5]
-        raise PlanExportError(
-            f"plan assigns {bad} to {users}...; ONNX export supports {SUPPORTED}: ONNX Runtime's CPU and "
-            "mobile builds have no bf16 kernels; assign fp16 (phones) or fp32 to these modules"
-        )
+        why = "; ".join(f"{d}: {TABLE[d].onnx_refusal}" if d in TABLE else f"{d}: not a kdq dtype" for d in bad)
+        raise PlanExportError(f"plan assigns {bad} to {users}...; ONNX export supports {exportable} ({why})")
     inits = initializers(model.graph)
-    by_dtype: dict[str, list[str]] = {d: [] for d in SUPPORTED}
+    by_dtype: dict[str, list[str]] = {d: [] for d in exportable}  # nodes by the dtype the table realises
     for node in model.graph.node:
         if weight_input(node, inits) is not None:
-            by_dtype[resolved.get(mods.get(node.name, ""), "fp32")].append(node.name)
-    # ONNX's 4-bit Gather needs opset 21; embeddings of int4 groups are stored int8 (see the docstring)
+            want = resolved.get(mods.get(node.name, ""), "fp32")
+            by_dtype[TABLE[want].onnx_dtype(node.op_type)].append(node.name)
+    int8_ops = sorted({op for d in exportable for op, q in TABLE[d].onnx.items() if q == "int8"})
+    # quantize_dynamic first rewrites every Gemm as MatMul (+ Add) named "<gemm>_MatMul": select that name too
     ops = {n.name: n.op_type for n in model.graph.node}
-    int4_gathers = [n for n in by_dtype["int4"] if ops[n] == "Gather"]
-    by_dtype["int4"] = [n for n in by_dtype["int4"] if ops[n] == "MatMul"]
-    by_dtype["int8"] += int4_gathers
+    by_dtype["int8"] += [f"{n}_MatMul" for n in by_dtype["int8"] if ops.get(n) == "Gemm"]
     with tempfile.TemporaryDirectory(prefix="kdq-plan-") as tmp:
         cur = model
         if by_dtype["int8"]:
@@ -356,7 +365,7 @@ def apply_plan_onnx(
             onnx.save_model(cur, str(src))
             quantize_dynamic(
                 str(src), str(dst), weight_type=QuantType.QInt8, per_channel=True,
-                nodes_to_quantize=by_dtype["int8"], op_types_to_quantize=["MatMul", "Gemm", "Gather", "Conv"],
+                nodes_to_quantize=by_dtype["int8"], op_types_to_quantize=int8_ops,
                 extra_options={"MatMulConstBOnly": True},
             )
             cur = onnx.load(str(dst))
@@ -391,14 +400,25 @@ def apply_plan_onnx(
         lines = "; ".join(f"{n} ({op}, group {g!r}): wants {w}, carries {h}" for n, op, g, w, h in report.violations[:8])
         raise PlanConformanceError(
             f"{len(report.violations)} node(s) do not carry their group's dtype: {lines}. Assign a dtype these ops "
-            "support in ONNX Runtime (int8 covers MatMul/Gemm/Gather/Conv; int4 covers MatMul/Gather) or fp32",
+            f"support in ONNX Runtime ({_coverage()}) or fp32",
             report.violations,
         )
     return cur, report
 
 
+def _coverage() -> str:
+    """What each weight-only dtype converts in ONNX, from the table (for error messages)."""
+    parts = []
+    for d in DTYPES:
+        info = TABLE[d]
+        if info.weight_only and info.onnx is not None:
+            parts.append(f"{d} covers " + "/".join(f"{op}" + ("" if q == d else f" as {q}") for op, q in info.onnx.items() if q != "fp32"))
+    return "; ".join(parts)
+
+
 def planned_weight_bytes(model, plan: Any, module_names: Iterable[str], *, prefix: str = "") -> dict[str, int]:
-    """fp32 bytes of the weights that ``model`` 's weighted nodes read, by the dtype ``plan`` assigns them."""
+    """fp32 bytes of the weights that ``model`` 's weighted nodes read, by the dtype the export stores them in
+    (the table's realisation of the plan's dtype: a Conv of an int8 group counts as fp32)."""
     mods = node_modules(model, module_names, prefix=prefix)
     resolved = resolve_nodes(plan, mods)
     inits = initializers(model.graph)
@@ -406,7 +426,8 @@ def planned_weight_bytes(model, plan: Any, module_names: Iterable[str], *, prefi
     for node in _walk(model.graph):
         w = weight_input(node, inits)
         if w is not None:
-            out[resolved.get(mods.get(node.name, ""), "fp32")] += tensor_bytes(w)
+            want = resolved.get(mods.get(node.name, ""), "fp32")
+            out[TABLE[want].onnx_dtype(node.op_type) if want in TABLE else want] += tensor_bytes(w)
     return dict(out)
 
 

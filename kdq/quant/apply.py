@@ -16,11 +16,18 @@ returns fp16.
 Tied weights: a tensor held by several modules is converted once, with the dtype of the first module
 (in ``named_modules`` order) that holds it; the other holders follow it and share the converted
 storage, so ``model_bytes`` counts it once.
+
+All or nothing: ``apply_plan`` checks everything it can first (the plan, the fingerprint, that every
+rule matches a module, that the model is not already converted), then converts; if anything fails
+while converting, every module, tensor, hook and compute mark is restored, so the model is exactly
+the one passed in. A model converted once is refused by a second ``apply_plan``: a plan is defined on
+the float model (int4 over int8, or fp16 over int4, is not that plan), so reload the float model and
+apply one plan with all the rules.
 """
 
 from __future__ import annotations
 
-import re
+import sys
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -28,11 +35,11 @@ import torch
 from torch import nn
 
 from kdq.errors import close_matches
-from kdq.quant.dtypes import DEFAULT_DTYPE, get_dtype, quantized_class
+from kdq.quant.dtypes import _WeightOnly, get_dtype, quantized_class
 from kdq.quant.errors import PlanError
 from kdq.quant.plan import Plan, model_fingerprint
 
-__all__ = ["apply_plan", "model_bytes", "tensor_bytes", "module_dtypes", "Conversion", "model_fingerprint"]
+__all__ = ["apply_plan", "check_rules_match", "explain_plan", "model_bytes", "tensor_bytes", "module_dtypes", "Conversion", "model_fingerprint"]
 
 _HOOK_ATTR = "_kdq_cast_hook"
 _COMPUTE_ATTR = "_kdq_compute"
@@ -108,19 +115,59 @@ def module_dtypes(model: nn.Module, plan: Plan | Mapping[str, str]) -> dict[str,
 
 
 def check_rules_match(model: nn.Module, plan: Plan) -> None:
-    """Raise ``PlanError`` for a rule that names no module of ``model`` (typo guard)."""
-    names = [n for n, _ in model.named_modules() if n]
-    name_set = set(names)
-    for rule in plan.assignments:
-        if rule.startswith("re:"):
-            regex = re.compile(rule[3:])
-            if not any(regex.fullmatch(n) for n in names):
-                raise PlanError(f"plan rule {rule!r} matches no module of this model; check the pattern")
-        elif rule not in name_set:
-            raise PlanError(
-                f"plan rule {rule!r} names no module of this model{close_matches(rule, names)}; "
-                "use a name printed by `kdq plan show PLAN --model DIR` or model.named_modules()"
-            )
+    """``plan.check_rules`` over ``model``'s module names: ``PlanError`` for a rule that matches none."""
+    plan.check_rules(n for n, _ in model.named_modules())
+
+
+def _holds_tensors(mod: nn.Module) -> bool:
+    return any(True for _ in mod.parameters(recurse=False)) or any(True for _ in mod.buffers(recurse=False))
+
+
+def explain_plan(
+    model: nn.Module, plan: Plan, *, file: Any = None, only_params: bool = True
+) -> list[tuple[str, str, str, str]]:
+    """Print (and return) which rule sets each module of ``model``: (module, dtype, stored, rule).
+
+    ``dtype`` is what the rules resolve to, after tied weights follow their first holder (as
+    ``apply_plan`` does); ``stored`` is what the module's own tensors will be stored in (an
+    integer dtype keeps norms and convolutions in fp32; ``-`` for no persistent float tensors).
+
+    Args:
+        model: the float model the plan is for (a meta-device model is enough).
+        plan: the plan.
+        file: where to print (stdout by default; ``False`` prints nothing).
+        only_params: list only modules that hold parameters or buffers themselves.
+    """
+    dtypes = module_dtypes(model, plan)
+    owner = _tied_owner(model)
+    rows = []
+    for name, mod in model.named_modules():
+        if not name or (only_params and not _holds_tensors(mod)):
+            continue
+        dtype = dtypes[name]
+        rule = plan.winning_rule(name)
+        why = "(default)" if rule is None else rule
+        w = mod._parameters.get("weight")
+        if w is not None and owner.get(id(w), name) != name:
+            why = f"(tied to {owner[id(w)]})"
+        skip = mod._non_persistent_buffers_set
+        floats = any(p is not None and p.is_floating_point() for p in mod._parameters.values()) or any(
+            b is not None and k not in skip and b.is_floating_point() for k, b in mod._buffers.items()
+        )
+        if not floats:
+            stored = "-"
+        elif get_dtype(dtype).weight_only:
+            stored = dtype if quantized_class(mod, dtype) is not None else "fp32"
+        else:
+            stored = dtype
+        rows.append((name, dtype, stored, why))
+    if file is not False:
+        out = sys.stdout if file is None else file
+        width = max([len(r[0]) for r in rows] + [6])
+        print(f"{'module':<{width}}  {'dtype':<5}  {'stored':<6}  rule", file=out)
+        for name, dtype, stored, why in rows:
+            print(f"{name:<{width}}  {dtype:<5}  {stored:<6}  {why}", file=out)
+    return rows
 
 
 # ---------------------------------------------------------------------------- converting
@@ -216,6 +263,11 @@ class Conversion:
                     self._undo.append(("buffer", mod, bname, b))
                     mod._buffers[bname] = b.to(storage)
 
+    def commit(self) -> None:
+        """Keep every conversion made so far: ``restore`` will no longer undo them."""
+        self._undo.clear()
+        self.memo.clear()
+
     def _set_compute(self, mod: nn.Module, compute: torch.dtype) -> None:
         self._undo.append(("compute", mod, mod.__dict__.get(_COMPUTE_ATTR)))
         object.__setattr__(mod, _COMPUTE_ATTR, compute)
@@ -273,22 +325,42 @@ def apply_plan(model: nn.Module, plan: Plan, *, check: bool = True) -> nn.Module
         check: verify the plan's model fingerprint and that every name rule names a module.
 
     Raises:
-        PlanError: the plan was made for a different model, or a rule names no module.
+        PlanError: the plan was made for a different model, a rule names no module, or the model was
+            already converted by a plan. Nothing is converted then; and if converting fails midway,
+            the model is restored exactly before the error propagates.
     """
     if not isinstance(plan, Plan):
         raise PlanError(f"plan={plan!r} is not allowed: pass a kdq.quant.Plan (Plan.load(path) reads a file)")
+    check_unconverted(model, "apply_plan")
     if check:
         plan.check_model(model)
         check_rules_match(model, plan)
     dtypes = module_dtypes(model, plan)
     targets = {name: dtypes[name] for name, _ in model.named_modules()}
     computes = {get_dtype(d).compute for d in dtypes.values()}
-    if computes != {torch.float32}:
-        install_cast_hooks(model)
-        for name, mod in model.named_modules():
-            object.__setattr__(mod, _COMPUTE_ATTR, get_dtype(dtypes.get(name, DEFAULT_DTYPE)).compute)
+    hooks: list[Any] = []
     conv = Conversion(model)
-    conv.convert(targets)
-    conv._undo.clear()  # applied for good
+    try:
+        if computes != {torch.float32}:
+            hooks = install_cast_hooks(model)  # before converting: replacements inherit the hook
+        conv.convert(targets)
+    except BaseException:
+        conv.restore()
+        remove_cast_hooks(hooks)
+        raise
+    conv.commit()
     model._kdq_plan = plan  # type: ignore[attr-defined]
     return model
+
+
+def check_unconverted(model: nn.Module, what: str) -> None:
+    """Raise ``PlanError`` if ``model`` was already converted by ``apply_plan`` (or still carries its marks)."""
+    for name, mod in model.named_modules():
+        if isinstance(mod, _WeightOnly) or _COMPUTE_ATTR in mod.__dict__ or getattr(mod, _HOOK_ATTR, None) is not None:
+            plan = getattr(model, "_kdq_plan", None)
+            was = f" by {plan!r}" if plan is not None else ""
+            raise PlanError(
+                f"model is already converted{was} (module {name or '(root)'!r}): {what} needs the float model; "
+                "reload it (from_pretrained, or kdq.quant.load_quantized for a saved quantized model) and "
+                "apply one plan that holds all the rules"
+            )

@@ -19,3 +19,8 @@ class BudgetError(KdqError):
 
 class ProfileError(KdqError):
     """Bad profiling input: a score function that returned a non-number, or a stale cache."""
+
+
+class ModelFolderError(KdqError):
+    """A model folder kdq cannot read (missing or corrupt files, unknown architecture) or will not write
+    into (weights that ``from_pretrained`` would load instead of kdq's)."""

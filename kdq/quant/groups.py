@@ -1,7 +1,8 @@
 """Planner groups: which modules are converted together.
 
 A group is given as a module name (that module's whole subtree) or ``"re:<regex>"`` (one group made
-of the subtrees of the *topmost* modules whose full name the regex matches, e.g.
+of the subtrees of the *topmost* modules whose full name the regex matches, as plan patterns do
+(``kdq.quant.pattern``, linear time), e.g.
 ``"re:.*layers\\.0\\.(fc1|fc2)"`` is one group holding two Linear layers). Groups must be disjoint.
 A solved plan writes one rule per group with the group's spelling as the rule, so a plan's rules and
 the planner's groups read the same.
@@ -24,6 +25,7 @@ from torch import nn
 from kdq.errors import bad_value, close_matches
 from kdq.quant.apply import model_bytes, subtree_targets
 from kdq.quant.errors import GroupError
+from kdq.quant.pattern import NameMatcher
 from kdq.quant.plan import PATTERN_PREFIX
 
 GRANULARITIES = ("layer", "sublayer")
@@ -40,10 +42,10 @@ def group_roots(model: nn.Module, spec: str, *, names: Sequence[str] | None = No
         raise bad_value(GroupError, "groups entry", spec, "a module name or 're:<regex>'")
     if spec.startswith(PATTERN_PREFIX):
         try:
-            regex = re.compile(spec[len(PATTERN_PREFIX) :])
+            matcher = NameMatcher(spec[len(PATTERN_PREFIX) :])
         except re.error as e:
-            raise GroupError(f"groups entry {spec!r} is not a valid regular expression: {e}") from None
-        hits = [n for n in names if regex.fullmatch(n)]
+            raise GroupError(f"groups entry {spec!r} is not a regular expression kdq can match: {e}") from None
+        hits = [n for n in names if matcher.fullmatch(n)]
         if not hits:
             raise GroupError(f"groups entry {spec!r} matches no module of this model; check the pattern")
         roots: list[str] = []

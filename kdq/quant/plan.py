@@ -4,7 +4,8 @@ A plan is plain data. Its ``assignments`` map *rules* to dtype names (see ``DTYP
 
 - a module name such as ``"text_encoder"`` claims that module and its whole subtree;
 - ``"re:<regex>"`` claims the subtree of every module whose full dotted name the regex matches
-  (``re.fullmatch``).
+  (as ``re.fullmatch`` would; matched in linear time by ``kdq.quant.pattern``, so a hostile pattern
+  cannot hang resolution, and backreferences, lookarounds and flags are refused).
 
 Precedence (most specific wins). For a module ``m``, every rule that covers ``m`` has a *root*: the
 module it claims that is ``m`` itself or an ancestor of ``m`` (for a pattern, the shallowest such
@@ -13,7 +14,8 @@ exact name beats a pattern, and among patterns the earlier one in the file wins.
 covers gets ``default`` (``"fp32"`` unless stated). So ``{"decoder": "fp16", "decoder.lm_heads":
 "fp32"}`` keeps the heads in fp32, and ``{"decoder": "fp16", "re:.*embed_tokens\\.\\d+": "int8"}``
 makes the decoder's token embeddings int8 inside an fp16 decoder. Every module has exactly one winning
-rule (or the default); ``Plan.winning_rule`` names it and ``Plan.explain`` prints it per module.
+rule (or the default); ``Plan.winning_rule`` names it and ``kdq.quant.explain_plan`` prints it per
+module.
 
 Besides the rules, a plan made by the planner records, per group, the measured sensitivity, the exact
 bytes and why that dtype was chosen, the predicted totals, and a fingerprint of the model it was made
@@ -33,6 +35,9 @@ The JSON file (schema ``kdq.plan/1``)::
     }
 
 Only ``schema`` and ``assignments`` are required.
+
+This module is pure data: it imports neither torch nor ``kdq.quant.apply`` (which imports it), so
+plans can be read, written, resolved and checked against a list of module names without torch.
 """
 
 from __future__ import annotations
@@ -47,10 +52,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from kdq._io import atomic_write_text
+from kdq.dtypes import DEFAULT_DTYPE, DTYPES
 from kdq.errors import close_matches
-from kdq.quant._io import atomic_write_text
-from kdq.quant.dtypes_names import DEFAULT_DTYPE, DTYPES
 from kdq.quant.errors import PlanError
+from kdq.quant.pattern import NameMatcher
 
 SCHEMA = "kdq.plan/1"
 PATTERN_PREFIX = "re:"
@@ -102,7 +108,7 @@ class _Rule:
     key: str
     dtype: str
     order: int
-    regex: re.Pattern[str] | None
+    matcher: NameMatcher | None
 
 
 class Plan:
@@ -145,16 +151,16 @@ class Plan:
                     "'decoder' or a pattern 're:<regex>'"
                 )
             _check_dtype(f"assignments[{key!r}]", dtype)
-            regex = None
+            matcher = None
             if key.startswith(PATTERN_PREFIX):
                 try:
-                    regex = re.compile(key[len(PATTERN_PREFIX) :])
+                    matcher = NameMatcher(key[len(PATTERN_PREFIX) :])
                 except re.error as e:
-                    raise PlanError(f"assignments key {key!r} is not a valid regular expression: {e}") from None
+                    raise PlanError(f"assignments key {key!r} is not a regular expression kdq can match: {e}") from None
             self.assignments[key] = dtype
-            rules.append(_Rule(key, dtype, i, regex))
-        self._names = {r.key: r for r in rules if r.regex is None}
-        self._patterns = [r for r in rules if r.regex is not None]
+            rules.append(_Rule(key, dtype, i, matcher))
+        self._names = {r.key: r for r in rules if r.matcher is None}
+        self._patterns = {r.key: r for r in rules if r.matcher is not None}
         self.groups: dict[str, GroupRecord] = {}
         for name, rec in (groups or {}).items():
             self.groups[str(name)] = self._record(name, rec)
@@ -205,13 +211,12 @@ class Plan:
                 cand = (depth, 1, -rule.order)
                 if best is None or cand > best:
                     best, best_key = cand, rule.key
-        for rule in self._patterns:
-            for depth, prefix in enumerate(prefixes, start=1):
-                if rule.regex.fullmatch(prefix):  # type: ignore[union-attr]
-                    cand = (depth, 0, -rule.order)
-                    if best is None or cand > best:
-                        best, best_key = cand, rule.key
-                    break  # a pattern's root is the shallowest module it matches
+        for rule in self._patterns.values():
+            depth = rule.matcher.first_depth(module_name)  # type: ignore[union-attr]  # one pass over the name
+            if depth is not None:  # a pattern's root is the shallowest module it matches
+                cand = (depth, 0, -rule.order)
+                if best is None or cand > best:
+                    best, best_key = cand, rule.key
         return best_key
 
     def dtype_for(self, module_name: str) -> str:
@@ -222,6 +227,28 @@ class Plan:
     def resolve(self, module_names: Iterable[str]) -> dict[str, str]:
         """Each given module name -> its dtype name, per the precedence above."""
         return {name: self.dtype_for(name) for name in module_names}
+
+    def check_rules(self, module_names: Iterable[str]) -> None:
+        """Raise ``PlanError`` for the first rule that matches none of ``module_names`` (a typo guard).
+
+        A name rule must be one of the names; a pattern must fully match at least one. The one check
+        ``apply_plan`` and the export run, over ``[n for n, _ in model.named_modules()]``; needs no
+        torch, only the names.
+        """
+        names = [n for n in module_names if n]
+        name_set = set(names)
+        for rule in self.assignments:
+            if rule in self._names:
+                if rule not in name_set:
+                    raise PlanError(
+                        f"plan rule {rule!r} names no module of this model{close_matches(rule, names)}; "
+                        "use a name printed by `kdq plan show PLAN --model DIR` or model.named_modules()"
+                    )
+            elif not any(self._patterns[rule].matcher.fullmatch(n) for n in names):  # type: ignore[union-attr]
+                raise PlanError(
+                    f"plan rule {rule!r} matches no module of this model{close_matches(rule[len(PATTERN_PREFIX):], names)}; "
+                    "check the pattern against `kdq plan show PLAN --model DIR --all`"
+                )
 
     def unused_rules(self, module_names: Iterable[str]) -> list[str]:
         """Rules that win for none of ``module_names`` (typos, or rules shadowed by others)."""
@@ -286,9 +313,21 @@ class Plan:
     def load(cls, path: str | os.PathLike[str]) -> Plan:
         """Read a plan file written by ``save``."""
         p = Path(path)
+        if p.is_dir():
+            raise PlanError(f"path={str(p)!r} is not a plan file: it is a folder; pass the plan JSON file in it")
         if not p.is_file():
             raise PlanError(f"path={str(p)!r} is not a plan file: it does not exist")
-        return cls.from_json(p.read_text(encoding="utf-8"))
+        try:
+            text = p.read_bytes().decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise PlanError(
+                f"path={str(p)!r} is not a plan file: it is not UTF-8 text (byte {e.start} is {e.object[e.start]:#04x}); "
+                "re-save it as UTF-8"
+            ) from None
+        try:
+            return cls.from_json(text)
+        except PlanError as e:
+            raise PlanError(f"path={str(p)!r}: {e}") from None
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write the plan as JSON atomically (temporary file + ``os.replace``); returns the path."""
@@ -316,61 +355,6 @@ class Plan:
                 "parameter names or shapes differ; re-run the planner on this model, or drop "
                 "plan.model['fingerprint'] to apply the rules anyway"
             )
-
-    def explain(self, model: Any, *, file: Any = None, only_params: bool = True) -> list[tuple[str, str, str, str]]:
-        """Print (and return) which rule sets each module of ``model``: (module, dtype, stored, rule).
-
-        ``dtype`` is what the rules resolve to, after tied weights follow their first holder (as
-        ``apply_plan`` does); ``stored`` is what the module's own tensors will be stored in (an
-        integer dtype keeps norms and convolutions in fp32; ``-`` for no persistent float tensors).
-
-        Args:
-            model: a ``torch.nn.Module``.
-            file: where to print (stdout by default; ``False`` prints nothing).
-            only_params: list only modules that hold parameters or buffers themselves.
-        """
-        import sys
-
-        from kdq.quant.apply import _tied_owner, module_dtypes
-        from kdq.quant.dtypes import get_dtype, quantized_class
-
-        dtypes = module_dtypes(model, self)
-        owner = _tied_owner(model)
-        rows = []
-        for name, mod in model.named_modules():
-            if not name:
-                continue
-            if only_params and not _holds_tensors(mod):
-                continue
-            dtype = dtypes[name]
-            rule = self.winning_rule(name)
-            why = "(default)" if rule is None else rule
-            w = mod._parameters.get("weight")
-            if w is not None and owner.get(id(w), name) != name:
-                why = f"(tied to {owner[id(w)]})"
-            spec = get_dtype(dtype)
-            skip = mod._non_persistent_buffers_set
-            floats = any(p is not None and p.is_floating_point() for p in mod._parameters.values()) or any(
-                b is not None and k not in skip and b.is_floating_point() for k, b in mod._buffers.items()
-            )
-            if not floats:
-                stored = "-"
-            elif spec.weight_only:
-                stored = dtype if quantized_class(mod, dtype) is not None else "fp32"
-            else:
-                stored = dtype
-            rows.append((name, dtype, stored, why))
-        if file is not False:
-            out = sys.stdout if file is None else file
-            width = max([len(r[0]) for r in rows] + [6])
-            print(f"{'module':<{width}}  {'dtype':<5}  {'stored':<6}  rule", file=out)
-            for name, dtype, stored, why in rows:
-                print(f"{name:<{width}}  {dtype:<5}  {stored:<6}  {why}", file=out)
-        return rows
-
-
-def _holds_tensors(mod: Any) -> bool:
-    return any(True for _ in mod.parameters(recurse=False)) or any(True for _ in mod.buffers(recurse=False))
 
 
 def model_fingerprint(model: Any) -> str:

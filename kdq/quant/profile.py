@@ -25,6 +25,7 @@ import json
 import math
 import os
 import time
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,10 +37,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from kdq.errors import bad_value, close_matches
-from kdq.quant._io import atomic_write_text
+from kdq._io import atomic_write_text
 from kdq.quant.apply import (
     Conversion,
     _tensor_key,
+    check_unconverted,
     install_cast_hooks,
     model_bytes,
     remove_cast_hooks,
@@ -135,7 +137,13 @@ class SensitivityTable:
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> SensitivityTable:
-        return cls.from_json(Path(path).read_text(encoding="utf-8"))
+        p = Path(path)
+        try:
+            return cls.from_json(p.read_bytes().decode("utf-8"))
+        except UnicodeDecodeError as e:
+            raise ProfileError(f"cache={str(p)!r} is not UTF-8 text (byte {e.start}); delete it or pass another path") from None
+        except ProfileError as e:
+            raise ProfileError(f"cache={str(p)!r}: {e}; delete it or pass another path") from None
 
 
 def _progress(total: int, desc: str, enabled: bool):
@@ -155,7 +163,7 @@ class MixedPrecisionPlanner:
 
     Raises:
         GroupError: unknown or overlapping groups (with close matches).
-        PlanError: unknown candidate dtypes.
+        PlanError: unknown candidate dtypes, or a model already converted by a plan.
     """
 
     def __init__(
@@ -166,6 +174,7 @@ class MixedPrecisionPlanner:
         *,
         granularity: str = "layer",
     ) -> None:
+        check_unconverted(model, "MixedPrecisionPlanner")
         self.model = model
         cands = list(candidates)
         for c in cands:
@@ -224,7 +233,9 @@ class MixedPrecisionPlanner:
             log: where the up-front summary goes (``None``: silent).
 
         Returns:
-            The table; ``sensitivity = score - baseline``, ``inf`` if the score was not finite.
+            The table; ``sensitivity = score - baseline``, ``inf`` if the score was not finite or the
+            converted model raised (a warning names the group, the dtype and the error; profiling goes
+            on). The baseline (unconverted) score must be finite and must not raise.
         """
         fp32_bytes, rest = self._fp32_bytes()
         table = SensitivityTable(
@@ -278,11 +289,19 @@ class MixedPrecisionPlanner:
                 for g, d in todo:
                     bar.set_postfix_str(f"{d} {g}"[-48:])
                     conv = Conversion(self.model)
+                    nbytes = fp32_bytes[g]  # kept if even the conversion fails (then never picked)
                     try:
                         conv.convert(subtree_targets(self.model, self.groups[g], d))
                         nbytes = self._group_bytes(self.groups[g])
                         fn = score_fn.restrict(self.groups[g]) if hasattr(score_fn, "restrict") else score_fn
                         score = float(fn(self.model))  # skipped parts are 0: unchanged output
+                    except Exception as e:  # noqa: BLE001 - a conversion that breaks the model is a measurement
+                        warnings.warn(
+                            f"group {g!r} in {d} broke the model ({type(e).__name__}: {e}); recorded as infinitely "
+                            "sensitive, so no plan will pick it",
+                            stacklevel=2,
+                        )
+                        score = math.inf
                     finally:
                         conv.restore()
                     table.sensitivity[g][d] = score - baseline if math.isfinite(score) else math.inf

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from kdq.errors import bad_value
 from kdq.quant.errors import BudgetError
 
 
@@ -169,6 +170,10 @@ def solve_mckp(
         raise BudgetError(f"sensitivity and bytes must be [groups, dtypes] of one shape, got {s.shape} and {b.shape}")
     if (max_bytes is None) == (max_sensitivity is None):
         raise BudgetError("pass exactly one of max_bytes=... or max_sensitivity=...")
+    if max_bytes is not None:
+        _check_budget("max_bytes", max_bytes, "a finite number of bytes", finite=True)
+    if max_sensitivity is not None:
+        _check_budget("max_sensitivity", max_sensitivity, "a number, not NaN (inf: no quality limit)", finite=False)
     G, D = s.shape
     allowed = np.isfinite(s)
     if not allowed.any(axis=1).all():
@@ -221,7 +226,7 @@ def solve_mckp(
             raise BudgetError(_extra_msg(extra, f"max_bytes={int(max_bytes)}"))
         return totals(ch)
     limit = float(max_sensitivity)  # type: ignore[arg-type]
-    if math.isnan(limit) or limit < min_sens - 1e-12 * max(1.0, abs(min_sens)):
+    if limit < min_sens - 1e-12 * max(1.0, abs(min_sens)):
         raise BudgetError(
             f"max_sensitivity={max_sensitivity!r} is unreachable: the least reachable total sensitivity is "
             f"{min_sens:.6g} (every group at its least sensitive candidate); raise the budget"
@@ -231,6 +236,12 @@ def solve_mckp(
     if ch is None:
         raise BudgetError(_extra_msg(extra, f"max_sensitivity={max_sensitivity!r}"))
     return totals(ch)
+
+
+def _check_budget(arg: str, value: object, allowed: str, *, finite: bool) -> None:
+    ok = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
+    if not ok or math.isnan(value) or (finite and math.isinf(value)):  # type: ignore[arg-type]
+        raise bad_value(BudgetError, arg, value, allowed, "pass e.g. max_bytes=1_000_000_000 or max_sensitivity=0.05")
 
 
 def _extra_msg(extra: Mapping, budget: str) -> str:
@@ -268,17 +279,26 @@ def brute_force(
     rest_bytes: int = 0,
     max_bytes: int | None = None,
     max_sensitivity: float | None = None,
+    extra: Mapping[str, tuple[np.ndarray, float]] | None = None,
 ) -> tuple[float, int] | None:
-    """Reference for tests: the optimal (objective, secondary) by enumerating every assignment."""
+    """Reference for tests: the optimal (objective, secondary) by enumerating every assignment.
+
+    Same contract as ``solve_mckp``: non-finite sensitivities are forbidden choices, every extra cost
+    column must stay within its limit, and ties on the objective go to the better secondary (fewer
+    bytes under ``max_bytes``, less sensitivity under ``max_sensitivity``). None if nothing is feasible.
+    """
     import itertools
 
     s = np.asarray(sensitivity, dtype=float)
     b = np.asarray(nbytes, dtype=np.int64)
+    costs = [(np.asarray(c, dtype=float), float(lim)) for c, lim in (extra or {}).values()]
     best = None
     for ch in itertools.product(*[range(s.shape[1])] * s.shape[0]):
+        if not all(math.isfinite(s[g, d]) for g, d in enumerate(ch)):
+            continue
         tot_s = float(sum(s[g, d] for g, d in enumerate(ch)))
         tot_b = int(rest_bytes + sum(int(b[g, d]) for g, d in enumerate(ch)))
-        if not math.isfinite(tot_s):
+        if any(float(sum(c[g, d] for g, d in enumerate(ch))) > lim for c, lim in costs):
             continue
         if max_bytes is not None and tot_b <= max_bytes:
             key = (tot_s, tot_b)
