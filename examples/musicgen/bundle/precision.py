@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 
+from kdq.dtypes import TABLE
 from kdq.errors import KdqError
 from kdq.export.atomic import save_onnx_atomic
 from kdq.export.precision import apply_plan_onnx, node_modules, planned_weight_bytes
@@ -24,10 +25,6 @@ from musicgen.bundle.parts import GRAPHS
 
 class BundlePlanError(KdqError):
     """A graph's node scopes or variants do not fit the bundle layout (an export bug, not user input)."""
-
-
-# bytes per weight element stored in each dtype (int4 packs two per byte; scales not counted)
-_BYTES_PER = {"fp32": 4.0, "fp16": 2.0, "bf16": 2.0, "int8": 1.0, "int4": 0.5}
 
 
 def apply_bundle_plan(model, graphs: dict[str, Path], plan: Any, work: Path):
@@ -63,7 +60,7 @@ def apply_bundle_plan(model, graphs: dict[str, Path], plan: Any, work: Path):
         if stray:
             raise BundlePlanError(f"{name}: node scopes map to modules outside {spec.roots}: {stray[:5]}")
         planned = planned_weight_bytes(g, plan, module_names, prefix=prefix)
-        variant = max(planned, key=lambda d: (planned[d], -_BYTES_PER[d])) if planned else "fp32"
+        variant = max(planned, key=lambda d: (planned[d], -TABLE[d].bits)) if planned else "fp32"
         if part in dtypes and dtypes[part] != variant:
             raise BundlePlanError(f"decoder graphs disagree on their variant: {dtypes[part]} vs {variant}")
         dtypes[part] = variant
