@@ -1,4 +1,4 @@
-"""Evaluation metrics: Frechet distance (FAD/FID) and model-agnostic scores over embeddings.
+"""Evaluation metrics over embeddings: Frechet distance (FAD/FID), KAD, scores.
 
 kdq computes numbers from embeddings; which model embeds the audio is the caller's choice (the
 MusicGen example's ``musicgen.embedders``). Definitions and caveats: docs/metrics.md.
@@ -14,6 +14,15 @@ from kdq.metrics.frechet import (
     frechet_distance_reference,
     gaussian_stats,
 )
+from kdq.metrics.kernel_distance import (
+    KAD_SCALE,
+    KadError,
+    KadEstimate,
+    kad,
+    kad_bootstrap,
+    kad_reference,
+    median_bandwidth,
+)
 from kdq.metrics.scores import (
     ScoreError,
     clap_score,
@@ -24,9 +33,12 @@ from kdq.metrics.scores import (
 )
 
 __all__ = [
+    "KAD_SCALE",
     "FrechetError",
     "FrechetEstimate",
     "FrechetNumericalError",
+    "KadError",
+    "KadEstimate",
     "ScoreError",
     "clap_score",
     "cosine_matrix",
@@ -35,6 +47,10 @@ __all__ = [
     "frechet_distance_from_stats",
     "frechet_distance_reference",
     "gaussian_stats",
+    "kad",
+    "kad_bootstrap",
+    "kad_reference",
+    "median_bandwidth",
     "retention",
     "retention_table",
     "retrieval_recall",
