@@ -1,4 +1,4 @@
-"""Evaluation metrics over embeddings: Frechet distance (FAD/FID), KAD, scores.
+"""Evaluation metrics over embeddings: Frechet distance (FAD/FID), KAD, paired bootstrap, scores.
 
 kdq computes numbers from embeddings; which model embeds the audio is the caller's choice (the
 MusicGen example's ``musicgen.embedders``). Definitions and caveats: docs/metrics.md.
@@ -23,6 +23,7 @@ from kdq.metrics.kernel_distance import (
     kad_reference,
     median_bandwidth,
 )
+from kdq.metrics.paired import PairedBootstrapError, PairedEstimate, paired_bootstrap, paired_kad_bootstrap
 from kdq.metrics.scores import (
     ScoreError,
     clap_score,
@@ -39,6 +40,8 @@ __all__ = [
     "FrechetNumericalError",
     "KadError",
     "KadEstimate",
+    "PairedBootstrapError",
+    "PairedEstimate",
     "ScoreError",
     "clap_score",
     "cosine_matrix",
@@ -51,6 +54,8 @@ __all__ = [
     "kad_bootstrap",
     "kad_reference",
     "median_bandwidth",
+    "paired_bootstrap",
+    "paired_kad_bootstrap",
     "retention",
     "retention_table",
     "retrieval_recall",
