@@ -1,4 +1,4 @@
-"""musicgen.eval.music: semitone chroma, chroma correlation, keys, MIDI agreement, mel+chroma embedder."""
+"""musicgen.eval: semitone chroma, chroma correlation, keys, MIDI agreement, mel+chroma embedder, instruments."""
 
 from __future__ import annotations
 
@@ -307,3 +307,74 @@ def test_log_mel_peak_band_holds_the_tone():
     band = int(np.argmax(mel[:, mel.shape[1] // 2]))
     assert fb[int(round(1000 / (SR / 1024))), band] > 0  # the band's filter covers 1 kHz
 
+
+# ---------------------------------------------------------------------------------- instruments
+
+
+def _timbre_clip(kind: str, rng: np.random.Generator, seconds: float = 1.0) -> np.ndarray:
+    """Three distinguishable timbres at random pitches: pure, bright (odd harmonics), plucked."""
+    t = np.arange(int(seconds * SR)) / SR
+    f = hz(int(rng.integers(55, 72)))
+    if kind == "pure":
+        x = np.sin(2 * np.pi * f * t)
+    elif kind == "bright":
+        x = sum(np.sin(2 * np.pi * k * f * t) / k for k in range(1, 12, 2) if k * f < 0.45 * SR)
+    else:  # plucked: a bright attack repeated every 0.25 s, decaying fast
+        env = np.exp(-(t % 0.25) * 30.0)
+        x = env * sum(np.sin(2 * np.pi * k * f * t) / k for k in range(1, 6) if k * f < 0.45 * SR)
+    return 0.2 * x * rng.uniform(0.5, 1.5) + 0.003 * rng.normal(size=len(t))
+
+
+def _timbre_set(seed: int, per_class: int):
+    rng = np.random.default_rng(seed)
+    kinds = ["pure", "bright", "plucked"] * per_class
+    return [_timbre_clip(k, rng) for k in kinds], kinds
+
+
+def test_instrument_classifier_learns_distinguishable_timbres_and_round_trips(tmp_path):
+    from dataclasses import replace
+
+    from musicgen.eval.instrument import InstrumentClassifier, InstrumentConfig, instrument_accuracy, train_instrument_classifier
+
+    cfg = replace(InstrumentConfig(), steps=150, hidden=32)
+    clips, labels = _timbre_set(0, 12)
+    clf = train_instrument_classifier(clips, labels, SR, cfg=cfg)
+    assert clf.labels == ("bright", "plucked", "pure") and clf.info["train_accuracy"] == 1.0
+    test_clips, test_labels = _timbre_set(1, 6)
+    acc = instrument_accuracy(test_clips, test_labels, SR, classifier=clf)
+    assert acc.accuracy >= 0.9 and acc.chance == pytest.approx(1 / 3) and acc.n == 18
+    shuffled = instrument_accuracy(test_clips, test_labels[1:] + test_labels[:1], SR, classifier=clf)
+    assert shuffled.accuracy <= 0.2  # the classifier is not guessing a constant
+    clf.save(tmp_path / "clf")
+    doc = json.loads((tmp_path / "clf" / "config.json").read_text())
+    assert doc["labels"] == ["bright", "plucked", "pure"] and doc["config"]["steps"] == 150
+    assert InstrumentClassifier.load(tmp_path / "clf").cfg == cfg and clf.info["train_examples"] == 72
+    loaded = InstrumentClassifier.load(tmp_path / "clf")
+    np.testing.assert_array_equal(loaded.predict_proba(test_clips, SR), clf.predict_proba(test_clips, SR))
+    again = train_instrument_classifier(clips, labels, SR, cfg=cfg)  # seeded: the same weights
+    for (k, v), (_, w) in zip(clf.net.state_dict().items(), again.net.state_dict().items()):
+        assert torch_equal(v, w), k
+    with pytest.raises(MusicEvalError, match="no instrument classifier"):
+        InstrumentClassifier.load(tmp_path / "missing")
+    with pytest.raises(MusicEvalError, match="labels"):
+        train_instrument_classifier(clips[:2], ["pure", "oboe"], SR, cfg=cfg, classes=["pure", "bright"])
+
+
+def torch_equal(a, b) -> bool:
+    import torch
+
+    return bool(torch.equal(a, b))
+
+
+def test_instrument_from_every_caption_phrasing():
+    from musicgen.data import INSTRUMENTS, make_caption
+    from musicgen.eval.instrument import instrument_from_caption
+
+    names = [n for _, n in INSTRUMENTS]
+    for name in names:
+        for i in range(4):
+            cap = make_caption(rng=_Pick(i), style="fiddle tune", tempo="fast", key="A major", instrument=name,
+                               texture="a single melody line")
+            assert instrument_from_caption(cap, names) == name, cap
+    assert instrument_from_caption("A slow harpsichord piece", names) == "harpsichord"  # not "harp"
+    assert instrument_from_caption("A slow piece", names) is None

@@ -21,7 +21,7 @@ a semitone below about 260 Hz, so low notes smear into their neighbours there.
 Also here: ``chroma_correlation`` (per-frame Pearson, chance near 0), key estimation with key
 profiles and key accuracy against captions (``estimate_key``, ``key_from_caption``,
 ``key_accuracy``), ``midi_agreement`` of chroma frames with a score's sounding pitch classes, and
-``MelChromaEmbedder`` for FAD and KAD.
+``MelChromaEmbedder`` for FAD and KAD. Instrument accuracy lives in ``musicgen.eval.instrument``.
 """
 
 from __future__ import annotations
@@ -583,9 +583,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
     from kdq.metrics import frechet_bootstrap, kad_bootstrap, median_bandwidth, paired_bootstrap, paired_kad_bootstrap
     from musicgen.audiofolder import load_audio, read_split
+    from musicgen.eval.instrument import instrument_accuracy, train_instrument_classifier
 
     ap = argparse.ArgumentParser(description=main.__doc__)
-    ap.add_argument("root", help="audiofolder root with train/valid/test splits (metadata: text, piece)")
+    ap.add_argument("root", help="audiofolder root with train/valid/test splits (metadata: text, instrument, piece)")
     ap.add_argument("--sample-rate", type=int, default=8000)
     ap.add_argument("--ref-clips", type=int, default=200, help="train clips in the FAD/KAD reference")
     ap.add_argument("--seed", type=int, default=0)
@@ -616,6 +617,13 @@ def main(argv: Sequence[str] | None = None) -> dict:
         out["key_accuracy"][f"valid, {name}"] = key_accuracy(degraded[name], captions, sr).to_dict()
     for v in out["key_accuracy"].values():
         v.pop("per_item"), v.pop("per_item_mirex"), v.pop("estimated")
+    classes = sorted({c.meta["instrument"] for c in splits["train"]})
+    clf = train_instrument_classifier(audio["train"], [c.meta["instrument"] for c in splits["train"]], sr, classes=classes)
+    out["instrument_accuracy"] = {"train": clf.info["train_accuracy"], "chance": 1 / len(classes)}
+    sets = {"valid": valid, "test": audio["test"], **{f"valid, {k}": v for k, v in degraded.items()}}
+    for name, clips in sets.items():
+        caps = [c.text for c in splits["test"]] if name == "test" else captions
+        out["instrument_accuracy"][name] = instrument_accuracy(clips, caps, sr, classifier=clf).accuracy
     emb = MelChromaEmbedder()
     order = np.random.default_rng(args.seed).permutation(len(audio["train"]))
     ref = emb.embed_frames([audio["train"][i] for i in order[: args.ref_clips]], sr)
