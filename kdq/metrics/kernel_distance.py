@@ -50,7 +50,7 @@ __all__ = [
 
 KAD_SCALE = 100.0  # kadtk's SCALE_FACTOR
 _BLOCK_ENTRIES = 1 << 22  # kernel entries per block (32 MiB of float64)
-_MAX_UNITS = 6000  # bootstrap units whose [units, units] kernel sums are kept
+_MAX_UNITS = 4096  # bootstrap units whose [units, units] kernel sums are kept (128 MiB each)
 
 
 class KadError(KdqError):
@@ -120,7 +120,7 @@ def median_bandwidth(embeddings: np.ndarray, *, max_rows: int = 4096, seed: int 
     h = float(np.median(pdist(x)))
     if not h > 0:
         raise KadError(
-            "the median pairwise distance of the reference rows is 0 (more than half the pairs are "
+            "the median pairwise distance of the rows is 0 (more than half the pairs are "
             "identical rows); pass bandwidth= explicitly"
         )
     return h
