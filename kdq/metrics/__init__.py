@@ -1,4 +1,4 @@
-"""Evaluation metrics: Frechet distance (FAD/FID) and model-agnostic scores over embeddings.
+"""Evaluation metrics over embeddings: Frechet distance (FAD/FID), KAD, paired bootstrap, scores.
 
 kdq computes numbers from embeddings; which model embeds the audio is the caller's choice (the
 MusicGen example's ``musicgen.embedders``). Definitions and caveats: docs/metrics.md.
@@ -14,6 +14,16 @@ from kdq.metrics.frechet import (
     frechet_distance_reference,
     gaussian_stats,
 )
+from kdq.metrics.kernel_distance import (
+    KAD_SCALE,
+    KadError,
+    KadEstimate,
+    kad,
+    kad_bootstrap,
+    kad_reference,
+    median_bandwidth,
+)
+from kdq.metrics.paired import PairedBootstrapError, PairedEstimate, paired_bootstrap, paired_kad_bootstrap
 from kdq.metrics.scores import (
     ScoreError,
     clap_score,
@@ -24,9 +34,14 @@ from kdq.metrics.scores import (
 )
 
 __all__ = [
+    "KAD_SCALE",
     "FrechetError",
     "FrechetEstimate",
     "FrechetNumericalError",
+    "KadError",
+    "KadEstimate",
+    "PairedBootstrapError",
+    "PairedEstimate",
     "ScoreError",
     "clap_score",
     "cosine_matrix",
@@ -35,6 +50,12 @@ __all__ = [
     "frechet_distance_from_stats",
     "frechet_distance_reference",
     "gaussian_stats",
+    "kad",
+    "kad_bootstrap",
+    "kad_reference",
+    "median_bandwidth",
+    "paired_bootstrap",
+    "paired_kad_bootstrap",
     "retention",
     "retention_table",
     "retrieval_recall",
