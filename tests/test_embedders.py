@@ -1,4 +1,4 @@
-"""musicgen.embedders and musicgen.evaluate on tiny random models and synthetic audio."""
+"""musicgen.eval.embedders and musicgen.eval.metrics on tiny random models and synthetic audio."""
 
 from __future__ import annotations
 

@@ -59,7 +59,7 @@ def test_clips_have_audio_and_captions_that_describe_them(rendered):
         assert clip.meta["tempo"] in text
         # the score's notes that sound in the clip, clip-relative, transposed like the audio
         notes = clip.meta["notes"]
-        assert notes and all(0 <= on < off <= CFG.clip_seconds + 1e-6 and 0 <= p < 128 for on, off, p in notes)
+        assert notes and all(0 <= on < off <= CFG.clip_seconds + 1e-6 and 0 <= p < 128 for p, on, off in notes)
     assert stats["caption_vocabulary"] == len(stats["caption_words"]) > 10
 
 

@@ -189,7 +189,7 @@ class _Pick:
 def test_key_from_caption_reads_every_phrasing_of_make_caption():
     from music21 import pitch
 
-    from musicgen.data import _key_words, make_caption
+    from musicgen.data.render import _key_words, make_caption
 
     names = ["C", "C#", "D-", "D", "D#", "E-", "E", "E#", "F-", "F", "F#", "G-", "G", "G#", "A-", "A", "A#",
              "B-", "B", "B#", "C-", "B--", "F##"]
@@ -367,7 +367,7 @@ def torch_equal(a, b) -> bool:
 
 
 def test_instrument_from_every_caption_phrasing():
-    from musicgen.data import INSTRUMENTS, make_caption
+    from musicgen.data.render import INSTRUMENTS, make_caption
     from musicgen.eval.instrument import instrument_from_caption
 
     names = [n for _, n in INSTRUMENTS]

@@ -91,7 +91,8 @@ def codec_stage(cfg: CodecConfig, seed: int, ctx: Context) -> dict:
     summary = train(model, objective, cfg.train, ctx.folder / "run", progress=ctx.progress)
     model.save_pretrained(ctx.folder / "model")
     test, clips = split_audio(root, "test", cfg.sample_rate, limit=cfg.eval_clips)
-    figures = evaluate_codec(model, test, sample_rate=cfg.sample_rate, codebook_size=cfg.codebook_size)
+    figures = evaluate_codec(model, test, sample_rate=cfg.sample_rate, codebook_size=cfg.codebook_size,
+                             notes=[c.meta.get("notes") for c in clips])
     show = test[:3]
     recon = decode(model, encode_clips(model, list(show.numpy()), sample_rate=cfg.sample_rate,
                                        clip_seconds=show.shape[1] / cfg.sample_rate))[:, : show.shape[1]]

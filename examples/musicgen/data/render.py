@@ -12,8 +12,8 @@ evaluation only. Everything is a deterministic function of the config (the seed 
 draws from its own generator keyed by ``(seed, piece)``, so the result does not depend on worker
 scheduling. Pieces that fail to parse or render are skipped and counted in the stats, never fatal.
 
-Each clip's metadata also holds the score's notes that sound in it (``notes``: ``[onset_s, offset_s,
-MIDI pitch]`` relative to the clip's start, after transposition), so that what a codec or a
+Each clip's metadata also holds the score's notes that sound in it (``notes``: ``[MIDI pitch, onset_s,
+offset_s]`` relative to the clip's start, after transposition), so that what a codec or a
 generator does to pitch can be checked against the score.
 
 Output (the audiofolder convention read by ``musicgen.data.audiofolder.read_split``)::
@@ -306,9 +306,9 @@ def render_piece(piece: Piece, cfg: RenderConfig, out: Path, *, seed: int) -> tu
 
 
 def _clip_notes(notes: list, start: float, seconds: float) -> list[list[float]]:
-    """``[onset, offset, pitch]`` of the notes sounding in ``[start, start + seconds)``, clip-relative."""
+    """``[MIDI pitch, onset, offset]`` of the notes sounding in ``[start, start + seconds)``, clip-relative."""
     end = start + seconds
-    return [[round(max(n.start, start) - start, 3), round(min(n.end, end) - start, 3), int(n.pitch)]
+    return [[int(n.pitch), round(max(n.start, start) - start, 3), round(min(n.end, end) - start, 3)]
             for n in sorted(notes, key=lambda n: (n.start, n.pitch)) if n.start < end and n.end > start]
 
 

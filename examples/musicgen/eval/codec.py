@@ -1,10 +1,10 @@
 """Held-out figures of a trained codec: log-mel distance, pitch (chroma, agreement with the score), codebooks.
 
 ``evaluate_codec`` encodes and decodes held-out clips and compares each reconstruction with its
-original: log-mel L1 distance (and the all-silence reference), chroma correlation (and the same
-with a different clip: chance), the share of frames whose strongest pitch class sounds in the score
-(for the original render and for the reconstruction, when the clips carry their notes), and
-per-codebook perplexity and usage. ``spectrogram_figure`` draws originals beside reconstructions.
+original: log-mel L1 distance (and the all-silence reference), chroma correlation with semitone
+resolution (``eval.music``; and the same with a different clip: chance), the share of frames whose
+strongest pitch class sounds in the score (for the original render and for the reconstruction,
+when the clips carry their notes), and per-codebook perplexity and usage. ``spectrogram_figure`` draws originals beside reconstructions.
 """
 
 from __future__ import annotations
@@ -32,37 +32,24 @@ def log_mel(x: np.ndarray, sample_rate: int, *, n_fft: int = 512, n_mels: int = 
     return np.log10(np.maximum(fb.T @ power, 1e-5))
 
 
-def chroma(x: np.ndarray, sample_rate: int, *, n_fft: int = 2048) -> np.ndarray:
-    """Pitch-class energy (12, frames) from an STFT, bins 60 Hz - 2 kHz folded onto 12 classes, frames L1-normalised."""
-    spec = torch.stft(torch.tensor(x, dtype=torch.float32), n_fft, hop_length=n_fft // 4, window=torch.hann_window(n_fft), return_complex=True).abs().numpy()
-    freqs = np.fft.rfftfreq(n_fft, 1.0 / sample_rate)
-    keep = (freqs >= 60) & (freqs <= min(2000, sample_rate / 2))
-    pc = np.round(12 * np.log2(freqs[keep] / 440.0)).astype(int) % 12
-    out = np.zeros((12, spec.shape[1]))
-    np.add.at(out, pc, spec[keep])
-    return out / (out.sum(0, keepdims=True) + 1e-9)
+def evaluate_codec(model, audio: torch.Tensor, *, sample_rate: int, codebook_size: int,
+                   notes: list | None = None) -> dict:
+    """Held-out figures of a codec on clips ``audio`` [clips, samples] (see the module docstring).
 
+    ``notes``: per clip, the score's ``[pitch, onset, offset]`` notes (the renderer's metadata), for
+    the MIDI agreement of the original renders and of their reconstructions.
+    """
+    from musicgen.eval.music import chroma, chroma_correlation, midi_agreement, pitch_class_masks
 
-def chroma_correlation(a: np.ndarray, b: np.ndarray, sample_rate: int) -> float:
-    """Pearson correlation of the flattened chroma of two equal-length signals."""
-    ca, cb = chroma(a, sample_rate), chroma(b, sample_rate)
-    n = min(ca.shape[1], cb.shape[1])
-    return float(np.corrcoef(ca[:, :n].ravel(), cb[:, :n].ravel())[0, 1])
-
-
-def evaluate_codec(model, audio: torch.Tensor, *, sample_rate: int, codebook_size: int) -> dict:
-    """Held-out figures: log-mel L1 distance, chroma correlation (and its shuffled chance level), codebooks."""
     model.eval()
     codes = encode_clips(model, list(audio.numpy()), sample_rate=sample_rate, clip_seconds=audio.shape[1] / sample_rate)
     recon = decode(model, codes)[:, : audio.shape[1]]
-    lm, cc, cc_shuf = [], [], []
     x, y = audio.numpy(), recon.numpy()
-    for i in range(len(x)):
-        lm.append(float(np.abs(log_mel(x[i], sample_rate) - log_mel(y[i], sample_rate)).mean()))
-        cc.append(chroma_correlation(x[i], y[i], sample_rate))
-        cc_shuf.append(chroma_correlation(x[i], y[(i + 1) % len(x)], sample_rate))
+    lm = [float(np.abs(log_mel(x[i], sample_rate) - log_mel(y[i], sample_rate)).mean()) for i in range(len(x))]
+    cc = [chroma_correlation(x[i], y[i], sample_rate) for i in range(len(x))]
+    cc_shuf = [chroma_correlation(x[i], y[(i + 1) % len(x)], sample_rate) for i in range(len(x))]
     stats = codebook_stats(codes.transpose(0, 1), codebook_size)
-    return {
+    out = {
         "clips": len(x),
         "log_mel_l1": round(float(np.mean(lm)), 4),
         "log_mel_l1_silence": round(float(np.mean([np.abs(log_mel(v, sample_rate) + 5).mean() for v in x])), 4),
@@ -71,6 +58,14 @@ def evaluate_codec(model, audio: torch.Tensor, *, sample_rate: int, codebook_siz
         "perplexity": stats["perplexity"],
         "usage": stats["usage"],
     }
+    if notes is not None and all(n for n in notes):
+        agree = {"original": [], "reconstruction": []}
+        for i in range(len(x)):
+            for name, sig in (("original", x[i]), ("reconstruction", y[i])):
+                c = chroma(sig, sample_rate)
+                agree[name].append(midi_agreement(c, pitch_class_masks(notes[i], n_frames=c.shape[1], sample_rate=sample_rate)))
+        out["midi_agreement"] = {k: round(float(np.mean(v)), 4) for k, v in agree.items()}
+    return out
 
 
 def spectrogram_figure(path: str | Path, originals: np.ndarray, recons: np.ndarray, *, sample_rate: int, titles=None) -> Path:

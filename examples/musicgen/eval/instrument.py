@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from kdq.errors import bad_value
-from musicgen.audiofolder import resample
+from musicgen.data.audiofolder import resample
 from musicgen.eval.music import MusicEvalError, _check_signal, log_mel_frames
 
 __all__ = [

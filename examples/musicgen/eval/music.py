@@ -36,7 +36,7 @@ from typing import NamedTuple
 import numpy as np
 
 from kdq.errors import KdqError, bad_value
-from musicgen.embedders import AudioEmbedder
+from musicgen.eval.embedders import AudioEmbedder
 
 __all__ = [
     "DEFAULT_PROFILE",
@@ -582,7 +582,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     import torch
 
     from kdq.metrics import frechet_bootstrap, kad_bootstrap, median_bandwidth, paired_bootstrap, paired_kad_bootstrap
-    from musicgen.audiofolder import load_audio, read_split
+    from musicgen.data.audiofolder import load_audio, read_split
     from musicgen.eval.instrument import instrument_accuracy, train_instrument_classifier
 
     ap = argparse.ArgumentParser(description=main.__doc__)
