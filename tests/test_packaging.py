@@ -1,11 +1,13 @@
-"""What a user of the package meets first: `kdq --version`, the declared license (more below as they are added).
+"""What a user of the package meets first: `kdq --version`, the README's code, the declared license.
 
-Runs from an sdist too (it imports no example code).
+Runs from an sdist too (it imports no example code), so `.ci/check_wheel` exercises it on the wheel.
 """
 
 from __future__ import annotations
 
 import importlib.metadata
+import re
+import runpy
 from pathlib import Path
 
 import pytest
@@ -25,6 +27,20 @@ def test_version_flag_prints_the_package_version(capsys):
         assert importlib.metadata.version("kdq") == kdq.__version__  # one version, read from kdq/__init__.py
     except importlib.metadata.PackageNotFoundError:
         pytest.skip("kdq is not installed here (run from a source tree)")
+
+
+def test_readme_python_block_runs_as_written(tmp_path, monkeypatch):
+    """Regression: the README's snippet used an undefined `score_fn` (and `model`, logits, `s`, `m`)."""
+    blocks = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S)
+    assert len(blocks) == 1
+    script = tmp_path / "readme.py"
+    script.write_text(blocks[0])
+    monkeypatch.chdir(tmp_path)
+    ns = runpy.run_path(str(script), run_name="__main__")
+    assert (tmp_path / "plan.json").is_file()
+    assert ns["student_logits"].grad is not None
+    plan = ns["plan"]
+    assert ns["model_bytes"](ns["model"]) == plan.predicted["bytes"] <= plan.model["bytes_fp32"] // 2
 
 
 def test_license_is_the_apache_license():
