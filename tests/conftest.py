@@ -3,7 +3,7 @@
 The example (``examples/musicgen``, imported as the package ``musicgen``) lives in the repository, not
 in the wheel or the sdist. In a clone, pytest's ``pythonpath`` setting makes it importable and every
 test runs (a clone where it cannot be found is an error, not a quiet skip). In an unpacked sdist,
-test files that import ``musicgen`` are not collected, and the report header says which.
+test files that import ``musicgen`` are not collected, and the end of the report says which.
 """
 
 from __future__ import annotations
@@ -42,8 +42,7 @@ def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool 
     return None
 
 
-def pytest_report_header(config: pytest.Config) -> str | None:
-    if EXAMPLE:
-        return None
-    return (f"examples/musicgen is not here (an sdist): {len(NEEDS_EXAMPLE)} test files that need it are not "
-            f"collected: {', '.join(NEEDS_EXAMPLE)}")
+def pytest_terminal_summary(terminalreporter) -> None:
+    if not EXAMPLE:
+        terminalreporter.write_line(f"examples/musicgen is not here (an sdist): {len(NEEDS_EXAMPLE)} test files that "
+                                    f"need it were not collected: {', '.join(NEEDS_EXAMPLE)}")
