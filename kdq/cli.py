@@ -2,6 +2,7 @@
 
     kdq plan show PLAN [--model DIR] [--all]   the plan's rules; with a model, which rule sets each module
     kdq plan size PLAN --model DIR [--json]    bytes of the model under the plan, by part and by dtype
+    kdq --version
 
 ``--model DIR`` is a ``save_pretrained`` folder of a transformers model (its ``config.json`` names the
 class). Only the config is read: the model is built on the ``meta`` device (no weights are loaded,
@@ -119,7 +120,10 @@ def _plan_size(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``kdq`` argument parser (subcommands register here)."""
+    from kdq import __version__
+
     ap = argparse.ArgumentParser(prog="kdq", description="kdq: compress generative models for on-device use")
+    ap.add_argument("--version", action="version", version=f"kdq {__version__}")
     sub = ap.add_subparsers(dest="command", required=True)
     plan = sub.add_parser("plan", help="inspect mixed-precision plans")
     psub = plan.add_subparsers(dest="plan_command", required=True)

@@ -42,6 +42,32 @@ def _feed(b: int, s: int, seed: int = 0) -> dict[str, torch.Tensor]:
     return {"ids": torch.randint(0, 11, (b, s), generator=g), "scale": torch.rand(b, 1, 1, generator=g)}
 
 
+def test_positional_inputs_as_torch_onnx_export_takes_them(tmp_path):
+    """Regression: `export_onnx(m, (x,), path)`, torch.onnx.export's convention, failed."""
+    m = Tiny().eval()
+    ids, scale = _feed(2, 3).values()
+    path = export_onnx(m, (ids, scale), tmp_path / "p.onnx")
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert [i.name for i in sess.get_inputs()] == ["input_0", "input_1"]
+    assert [o.name for o in sess.get_outputs()] == ["output_0", "output_1"]
+    got = sess.run(None, {"input_0": ids.numpy(), "input_1": scale.numpy()})
+    with torch.no_grad():
+        ref = m(ids, scale)
+    np.testing.assert_allclose(got[0], ref[0].numpy(), atol=1e-5)
+    named = export_onnx(m, (ids, scale), tmp_path / "n.onnx", input_names=["ids", "scale"],
+                        output_names=["y", "total"], dynamic_axes=AXES)
+    validate_onnx(named, m, [_feed(3, 5, seed=1)], output_names=["y", "total"])  # other shapes: axes declared
+    one = export_onnx(nn.Linear(4, 2), torch.randn(3, 4), tmp_path / "one.onnx")  # a bare tensor, too
+    assert [i.name for i in ort.InferenceSession(str(one), providers=["CPUExecutionProvider"]).get_inputs()] == ["input_0"]
+    with pytest.raises(OnnxExportError, match="input_names"):
+        export_onnx(m, (ids, scale), tmp_path / "x.onnx", input_names=["ids"])
+    with pytest.raises(OnnxExportError, match="keyword arguments"):
+        export_onnx(m, (ids, {"scale": scale}), tmp_path / "x.onnx")
+    with pytest.raises(OnnxExportError, match="mapping's own keys"):
+        export_onnx(m, _feed(2, 3), tmp_path / "x.onnx", input_names=["a", "b"])
+    assert not (tmp_path / "x.onnx").exists()
+
+
 def test_export_validates_on_other_shapes(tmp_path):
     m = Tiny()
     path = export_onnx(m, _feed(2, 3), tmp_path / "m.onnx", output_names=["y", "total"], dynamic_axes=AXES)

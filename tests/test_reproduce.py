@@ -1,19 +1,58 @@
-"""reproduce.py and the stage runner: cache semantics, --force, argument errors, and the smoke preset end to end."""
+"""reproduce.py and the stage runner: cache semantics, --force, argument errors (one line, exit 2, before
+any work), errors during a run (one line, exit 1), the size knobs, the smoke preset end to end, and the
+paper preset from the command line with the documented small recipe on tiny local checkpoints."""
 
 from __future__ import annotations
 
 import json
 import math
+import shlex
+import shutil
+import socket
 from html.parser import HTMLParser
 from pathlib import Path
 
+import numpy as np
 import pytest
+import soundfile as sf
 
-from musicgen.config import ConfigError, preset
+from musicgen.config import ConfigError, override, preset
+from musicgen.data.audiofolder import write_metadata
 from musicgen.eval.ablation import VARIANT_NAMES
+from musicgen.models.tiny import TINY_WORDS, save_tiny_musicgen
 from musicgen.pipeline import Pipeline, PipelineError
 from musicgen.report import SECTIONS
-from musicgen.reproduce import parse, run
+from musicgen.reproduce import command_for, main, parse, run
+
+#: docs/reproduction.md's small recipe for the paper preset (a few minutes on a CPU with small models)
+SMALL_RECIPE = ["--clips", "8", "--clip-seconds", "2", "--steps", "4", "--micro-batch", "2", "--grad-accum", "2",
+                "--warmup", "0.25", "--set", "plan.granularity=part", "plan.calibration_clips=2", "eval.prompts=2",
+                "eval.seconds=1", "export.device_seconds=1"]
+
+
+@pytest.fixture(scope="module")
+def user(tmp_path_factory):
+    """What a user of the paper preset brings: two checkpoint folders and an audiofolder dataset."""
+    root = tmp_path_factory.mktemp("user")
+    teacher = save_tiny_musicgen(root / "teacher", seed=1, decoder_hidden=64)
+    student = save_tiny_musicgen(root / "student", seed=0)
+    data = root / "data"
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 10), ("valid", 9), ("test", 9)):
+        (data / split).mkdir(parents=True)
+        rows = []
+        for i in range(n):
+            t = np.arange(24000) / 16000  # 1.5 s at 16 kHz: resampled to the codec's 32 kHz, padded to --clip-seconds
+            wave = 0.3 * np.sin(2 * np.pi * rng.uniform(110, 880) * t) + 0.01 * rng.standard_normal(t.size)
+            sf.write(data / split / f"{i}.wav", wave.astype(np.float32), 16000)
+            rows.append({"file_name": f"{i}.wav", "text": " ".join(rng.choice(TINY_WORDS[4:], 4))})
+        write_metadata(data, split, rows)
+    return {"teacher": teacher, "student": student, "data": data, "root": root}
+
+
+def _paper(user, *more):
+    return ["--preset", "paper", "--teacher", str(user["teacher"]), "--student", str(user["student"]),
+            "--dataset", str(user["data"]), *more]
 
 
 def _stage(calls: list, name: str, value):
@@ -118,6 +157,48 @@ def test_unknown_preset_and_bad_overrides_name_the_choices():
         preset("smok")
 
 
+def _broken(user, name: str) -> Path:
+    """A copy of the user's files with one thing wrong (checkpoint folders and the dataset)."""
+    root = user["root"] / "broken" / name
+    if root.exists():
+        return root
+    for what in ("teacher", "student", "data"):
+        shutil.copytree(user[what], root / what)
+    if name == "no_valid_split":
+        (root / "data" / "valid" / "metadata.jsonl").unlink()
+    elif name == "empty_train":
+        (root / "data" / "train" / "metadata.jsonl").write_text("")
+    elif name == "no_config":
+        (root / "teacher" / "config.json").unlink()
+    elif name == "not_musicgen":
+        cfg = json.loads((root / "teacher" / "config.json").read_text())
+        (root / "teacher" / "config.json").write_text(json.dumps({**cfg, "model_type": "t5"}))
+    elif name == "pickle_only":
+        (root / "teacher" / "model.safetensors").rename(root / "teacher" / "pytorch_model.bin")
+    elif name == "no_tokenizer":
+        for f in root.glob("student/tokenizer*"):
+            f.unlink()
+    elif name == "other_codebooks":
+        save_tiny_musicgen(root / "teacher", seed=1, codebook_size=1024)
+    return root
+
+
+def _user_args(user, broken: str | None) -> list[str]:
+    if broken is None:
+        return _paper(user)
+    root = _broken(user, broken)
+    return _paper({"teacher": root / "teacher", "student": root / "student", "data": root / "data"})
+
+
+@pytest.fixture()
+def no_network(monkeypatch):
+    """Any connection attempt fails the test: argument checks never wait for a hub."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("a network connection was attempted")
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+
+
 @pytest.mark.parametrize("argv, words", [
     (["--preset", "paper"], "--dataset"),
     (["--preset", "paper", "--dataset", "/no/such/folder"], "not a folder"),
@@ -125,22 +206,124 @@ def test_unknown_preset_and_bad_overrides_name_the_choices():
     (["--set", "distill.train.steps=0"], "steps"),
     (["--set", "eval"], "PATH=VALUE"),
     (["--nproc", "0"], "nproc"),
+    (["--preset", "papr"], "invalid choice"),
+    (["--steps", "many"], "invalid int value"),
+    (["--force", "distil_kd"], "did you mean 'distill_kd'"),
+    (["--clips", "8"], "paper preset"),
+    (["--warmup", "1.5"], "[0, 1)"),
+    (["--warmup", "0.1", "--set", "distill.train.warmup_steps=3"], "not both"),
 ])
 def test_argument_errors_exit_2_with_one_line_before_any_work(argv, words, capsys, tmp_path):
-    """Regression: the paper preset without --dataset exited 0 with every stage skipped."""
+    """Regression: the paper preset without --dataset exited 0 with every stage skipped; argparse's
+    errors came with a usage block."""
     with pytest.raises(SystemExit) as e:
         parse([*argv, "--out", str(tmp_path / "run")])
     assert e.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert words in err[-1]
+    assert len(err) == 1 and words in err[0], err
     assert not (tmp_path / "run").exists()
 
 
-def test_overrides_change_the_preset():
-    args, p = parse(["--preset", "smoke", "--set", "distill.train.steps=3", "eval.prompts=1", "--steps", "4"])
+@pytest.mark.parametrize("broken, extra, words", [
+    ("no_valid_split", [], "readable valid split"),
+    ("empty_train", [], "clips in the train and test splits"),
+    ("no_config", [], "config.json"),
+    ("not_musicgen", [], "model_type='t5'"),
+    ("pickle_only", [], "safetensors"),
+    ("no_tokenizer", [], "tokenizer"),
+    ("other_codebooks", [], "must share the codec"),
+    (None, ["--teacher", "nobody/no-such-musicgen"], "local Hugging Face cache"),
+    (None, ["--student", "/no/such/checkpoint"], "local Hugging Face cache"),
+    (None, ["--clap", "laion/no-such-clap"], "local Hugging Face cache"),
+])
+def test_paper_preset_arguments_are_checked_offline_before_any_work(user, broken, extra, words, capsys, tmp_path,
+                                                                    no_network):
+    """Regression: an unreachable hub id took 35 s of retries and ended in a traceback; a bad dataset or
+    checkpoint was found only after tokenizing."""
+    argv = [*_user_args(user, broken), *extra, "--out", str(tmp_path / "run")]
+    capsys.readouterr()  # what making the broken copy printed
+    with pytest.raises(SystemExit) as e:
+        parse(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and words in err[0], err
+    assert not (tmp_path / "run").exists()
+
+
+def test_out_that_is_a_file_is_refused(tmp_path, capsys):
+    (tmp_path / "taken").write_text("mine")
+    with pytest.raises(SystemExit) as e:
+        parse(["--preset", "smoke", "--out", str(tmp_path / "taken")])
+    assert e.value.code == 2 and "it is a file" in capsys.readouterr().err
+
+
+def test_debug_shows_the_typed_error(user, tmp_path):
+    from musicgen.reproduce import ArgumentError
+
+    with pytest.raises(ArgumentError, match="local Hugging Face cache"):
+        parse([*_paper(user), "--teacher", "nobody/none", "--out", str(tmp_path / "run"), "--debug"])
+
+
+def test_a_hub_id_in_the_local_cache_becomes_its_snapshot_folder(user, tmp_path, monkeypatch, no_network):
+    """Hub ids are looked up in huggingface_hub's cache only; the run then loads the snapshot offline."""
+    import huggingface_hub.constants
+
+    snapshot = tmp_path / "hub" / "models--someone--tiny-musicgen" / "snapshots" / "0123abcd"
+    shutil.copytree(user["student"], snapshot)
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("0123abcd")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    _, p = parse([*_paper(user), "--student", "someone/tiny-musicgen", "--out", str(tmp_path / "run")])
+    assert Path(p.student_id) == snapshot and p.teacher_id == str(user["teacher"])
+
+
+def test_size_knobs_map_onto_the_config(user, tmp_path):
+    """Regression: `--preset paper --steps 2` died after tokenizing with `warmup_steps=250 is not allowed`."""
+    out = ["--out", str(tmp_path / "run")]
+    _, p = parse([*_paper(user), "--steps", "2", *out])
+    assert (p.distill.train.steps, p.distill.train.warmup_steps) == (2, 0)  # the paper's 5% share of 2 steps
+    _, p = parse([*_paper(user), *SMALL_RECIPE, *out])
+    t = p.distill.train
+    assert (t.steps, t.warmup_steps, t.micro_batch, t.grad_accum) == (4, 1, 2, 2)
+    assert (p.data.max_clips, p.data.clip_seconds, p.plan.granularity, p.eval.prompts) == (8, 2.0, "part", 2)
+    _, p = parse([*_paper(user), "--set", "distill.train.steps=40", *out])
+    assert p.distill.train.warmup_steps == 2  # still 5%
+    _, p = parse([*_paper(user), "--steps", "40", "--set", "distill.train.warmup_steps=3", *out])
+    assert p.distill.train.warmup_steps == 3  # said explicitly: kept
+    _, p = parse(["--preset", "smoke", "--set", "distill.train.steps=3", "eval.prompts=1", "--steps", "4", *out])
     assert p.distill.train.steps == 4 and p.eval.prompts == 1 and p.name == "smoke"
-    _, q = parse(["--preset", "paper", "--dataset", ".", "--teacher", "T", "--student", "S"])
-    assert (q.data.root, q.teacher_id, q.student_id) == (".", "T", "S")
+    _, p = parse(["--preset", "mini", "--clip-seconds", "3", *out])
+    assert p.data.clip_seconds == 3.0
+
+
+def test_the_recorded_command_reproduces_the_preset(user, tmp_path):
+    """Regression: a run made with overrides recorded a command without them."""
+    out = tmp_path / "run"
+    p = override(preset("smoke"), {"distill.train.steps": 3, "eval.prompts": 1, "data.pieces": {"bach": 2},
+                                   "plan.candidates": ["fp32", "int8"], "export.enabled": False})
+    assert parse(shlex.split(command_for(p, out))[2:])[1] == p
+    _, q = parse([*_paper(user), *SMALL_RECIPE, "--set", "data.text_column=text", "--out", str(out)])
+    assert parse(shlex.split(command_for(q, out))[2:])[1] == q
+    assert command_for(preset("mini"), out) == f"python examples/musicgen/reproduce.py --preset mini --out {out}"
+
+
+def test_an_error_during_the_run_is_one_line_and_exit_1(user, tmp_path, capsys):
+    """A typed error raised by a stage ends the command with one line naming the stage (no traceback)."""
+    bad = tmp_path / "data"
+    shutil.copytree(user["data"], bad)
+    for f in (bad / "train").glob("*.wav"):
+        f.write_bytes(b"RIFF not audio")  # the metadata reads fine; the audio fails in the tokens stage
+    argv = [*_paper(user), "--dataset", str(bad), *SMALL_RECIPE, "--out", str(tmp_path / "run"), "--no-progress"]
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("reproduce.py: error in stage tokens:") and "items are bad" in err[0]
+    from musicgen.data.audiofolder import DatasetError
+
+    with pytest.raises(DatasetError):
+        main([*argv, "--debug"])
 
 
 class _Sections(HTMLParser):
@@ -229,8 +412,6 @@ def test_smoke_preset_end_to_end_then_cached(smoke):
 @pytest.mark.slow
 def test_paper_preset_code_path_on_local_checkpoints(smoke, tmp_path):
     """The paper preset (checkpoints by path, a user's audiofolder dataset, tokens encoded here)."""
-    from musicgen.config import override
-
     out = smoke[0]
     p = override(preset("paper"), {
         "data.root": str(out / "render" / "data"), "data.clip_seconds": 2.0,
@@ -254,6 +435,30 @@ def test_paper_preset_code_path_on_local_checkpoints(smoke, tmp_path):
 
 
 @pytest.mark.slow
+def test_paper_preset_from_the_command_line_with_the_small_recipe(user, tmp_path, capsys):
+    """docs/reproduction.md's small recipe, as a user types it, on tiny local checkpoints and an audiofolder."""
+    out = tmp_path / "paper"
+    r = main([*_paper(user), *SMALL_RECIPE, "--out", str(out), "--no-progress"])
+    printed = capsys.readouterr().out
+    assert (out / "results.json").is_file() and (out / "report.html").is_file()
+    assert r["world"]["source"] == "checkpoints" and r["data"]["counts"] == {"train": 8, "valid": 8, "test": 8}
+    assert r["data"]["root"] == str(out / "data" / "data")  # the first 8 clips of each split, copied
+    assert r["distill"]["student_kd"]["global_batch"] == 4
+    assert set(r["variants"]) == set(VARIANT_NAMES) and set(r["ort"]["device_runs"]) == {"fp32", "paper_plan", "kdq_plan"}
+    assert r["config"]["distill"]["train"]["warmup_steps"] == 1
+    # quiet under --no-progress; it ends with the ablation, the headline and where the files are
+    from musicgen.report import terminal_summary
+
+    assert printed.strip() == terminal_summary(r)
+    lines = printed.strip().splitlines()
+    assert lines[0].startswith("TOY SIZES") and any(ln.startswith("student_kd_kdq_plan") for ln in lines)
+    assert any(ln.startswith("size reduction") for ln in lines)
+    assert lines[-2:] == [f"results: {out / 'results.json'}", f"report:  {out / 'report.html'}"]
+    # the recorded command is the one typed, and it describes this run
+    assert parse(shlex.split(r["command"])[2:])[1].to_dict() == r["config"]
+
+
+@pytest.mark.slow
 def test_diagnose_reports_held_in_figures(smoke):
     from musicgen.diagnose import diagnose
 
@@ -267,7 +472,6 @@ def test_diagnose_reports_held_in_figures(smoke):
 
 def test_world_recipe_keys_the_world_stages(tmp_path):
     """Changing the mini world's recipe must redo its stages (and so everything after them)."""
-    from musicgen.config import override
     from musicgen.world import recipe_digest
 
     base = preset("mini")

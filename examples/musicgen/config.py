@@ -178,6 +178,8 @@ class DatasetConfig(Config):
         text_column: the metadata column holding the caption.
         clip_seconds: clips are cut or zero-padded to this length before encoding.
         max_bad_fraction: unreadable items are skipped and counted; above this share of a split, stop.
+        max_clips: at most this many clips per split, the first in metadata order (None: all); a
+            small run on a large dataset (the data stage copies those clips into the run's folder).
     """
 
     KIND: typing.ClassVar[str] = "audiofolder"
@@ -186,11 +188,14 @@ class DatasetConfig(Config):
     text_column: str = "text"
     clip_seconds: float = 10.0
     max_bad_fraction: float = 0.05
+    max_clips: int | None = None
 
     def validate(self) -> None:
         if not self.clip_seconds > 0:
             raise bad_value(ConfigError, "DatasetConfig.clip_seconds", self.clip_seconds, "> 0")
         _fraction(self, "max_bad_fraction", high_open=False)
+        if self.max_clips is not None:
+            _positive_ints(self, "max_clips")
 
 
 # -------------------------------------------------------------------------------------- training

@@ -12,7 +12,8 @@ aside, ``config.key_of``) and the identities of its inputs (their keys and when 
   from an empty folder. The runner only ever deletes a stage folder it created itself (it holds the
   runner's ``.stage`` marker).
 
-A stage that raises stops the run (the exception propagates; nothing is recorded as done).
+A stage that raises stops the run (the exception propagates; nothing is recorded as done); a typed
+``KdqError`` carries the stage's name as ``.stage``.
 """
 
 from __future__ import annotations
@@ -90,7 +91,12 @@ class Pipeline:
         if self.progress:
             print(f"[reproduce] {name}{' (resuming)' if resume else ''} ...", flush=True)
         t0 = time.perf_counter()
-        result = fn(Context(name, folder, resume, {i: self.results[i] for i in inputs}, self.progress))
+        try:
+            result = fn(Context(name, folder, resume, {i: self.results[i] for i in inputs}, self.progress))
+        except KdqError as e:
+            if getattr(e, "stage", None) is None:
+                e.stage = name  # the stage a command line's one-line error names
+            raise
         record = {"key": key, "result": result, "wall_s": round(time.perf_counter() - t0, 2), "done_at": time.time()}
         write_json(record_path, record)
         if self.progress:

@@ -179,7 +179,8 @@ def plan_stage(cfg: Any, model_dir: str, tokens: dict, folder: Path, *, progress
     score = musicgen_score(model, inputs=x)
     groups = musicgen_groups(model, cfg.granularity)
     planner = MixedPrecisionPlanner(model, groups=groups, candidates=list(cfg.candidates))
-    table = planner.profile(score, cache=folder / "profile_cache.json", progress=progress)
+    table = planner.profile(score, cache=folder / "profile_cache.json", progress=progress,
+                            log=print if progress else None)
     table.save(folder / "sensitivity.json")
     paper = paper_plan()
     paper_measured = planner.measure(paper, score)

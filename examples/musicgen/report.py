@@ -1,17 +1,26 @@
 """results.json -> report.html: one self-contained page (inline PNG figures and WAV players).
 
-Sections (each has an ``id`` the tests look for):
+The page opens with the command that made the run (once) and, on a run that is not at the paper's
+sizes, a banner (``run_scale``): *toy* runs (the smoke preset, or checkpoints far smaller than
+MusicGen-small) prove the plumbing, not quality; *stand-in* runs (the mini world) compare variants
+with each other, not with the paper. Sections (each has an ``id`` the tests look for):
 
-- ``headline``: the paper's figures (FAD 7.05, CLAP 0.343, 55% smaller, 93% retained) beside kdq's,
-  with the command that produced kdq's;
+- ``headline``: the paper's figures (FAD 7.05, CLAP 0.343, 55% smaller, 93% retained) and kdq's,
+  side by side only where the comparison means something (``headline_rows``: a run at real size and,
+  for FAD and CLAP, the paper's embedder); each kdq cell names its embedder;
 - ``ablation``: every variant's bytes, size against fp32, FAD, CLAP score, held-out NLL, KL to the
   teacher and retention (skipped variants say why);
-- ``figures``: training curves (loss and temperature per step), size against quality with both plans
-  on the planner's Pareto frontier, and the per-module sensitivity heat map;
+- ``figures``: training curves, one panel per quantity (cross-entropy pretraining, cross-entropy
+  fine-tuning, the distillation loss with its temperature); size against quality with both plans on
+  the planner's Pareto frontier, and the variants measured (a legend, not labels that overlap); the
+  per-module sensitivity heat map;
 - ``ort``: the ONNX Runtime bundle's parity with PyTorch and the device run;
 - ``stages``: wall time per stage and what came from the cache;
-- ``audio``: the same prompts across variants, as ``<audio>`` players with the WAV inlined;
+- ``audio``: per prompt, every variant's ``<audio>`` player (WAV inlined) in a grid that wraps;
 - ``environment``: versions.
+
+``terminal_summary`` is the same headline and the ablation's main columns as plain text, printed at
+the end of ``reproduce.py``.
 
 Command line::
 
@@ -40,6 +49,10 @@ from kdq.errors import KdqError, bad_value
 
 #: TinyMusician's published figures (arXiv 2509.00914) for its combined model.
 PAPER = {"fad": 7.05, "clap": 0.343, "size_reduction": 0.55, "retention": 0.93}
+#: The embedders the paper's FAD and CLAP are taken to use (it does not say; docs/metrics.md): result keys and names.
+PAPER_EMBEDDERS = {"fad": ("vggish", "VGGish, assumed"), "clap": ("clap", "LAION CLAP")}
+#: Below this many bytes of weights (fp32 student_base) a checkpoint run is toy-sized; MusicGen-small holds 2.35 GB.
+TOY_BYTES = 100_000_000
 
 #: Variant order and one-line meanings.
 VARIANTS = {
@@ -126,28 +139,52 @@ def _read_jsonl(path: Path) -> list[dict]:
 # ------------------------------------------------------------------------------------------ figures
 
 
-def training_curves_png(curves: dict[str, list[dict]]) -> str | None:
-    """Left: the distillation runs (loss per step, StageMixedKL temperature on a second axis);
-    right: the teacher's and student's cross-entropy pretraining, when the results carry them."""
+#: Training-curve panels, one per quantity: (key, title, y label).
+CURVE_PANELS = (
+    ("pretraining", "pretraining (teacher, student_base)", "cross-entropy on the codes (nats/token)"),
+    ("student_ce", "fine-tuning: cross-entropy (the control)", "cross-entropy on the codes (nats/token)"),
+    ("student_kd", "fine-tuning: distillation", "StageMixedKL loss{ce}"),
+)
+
+
+def _panel_of(name: str) -> str:
+    return "pretraining" if "pretraining" in name else name
+
+
+def curve_panels(names) -> dict[str, list[str]]:
+    """``{panel: [curve names]}`` in ``CURVE_PANELS`` order; a curve of an unknown name gets its own panel."""
+    known = [k for k, _, _ in CURVE_PANELS]
+    keys = [k for k in known if any(_panel_of(n) == k for n in names)]
+    keys += list(dict.fromkeys(_panel_of(n) for n in names if _panel_of(n) not in known))
+    return {k: [n for n in names if _panel_of(n) == k] for k in keys}
+
+
+def training_curves_png(curves: dict[str, list[dict]], *, ce_weight: float | None = None) -> str | None:
+    """One panel per quantity (``CURVE_PANELS``; a curve of another name gets its own): the CE
+    pretraining of the world's models, the CE fine-tuning control, and the distillation loss with
+    StageMixedKL's temperature on a second axis. Losses of different objectives never share an axis."""
     curves = {k: v for k, v in curves.items() if v}
     if not curves:
         return None
     plt = _plt()
-    groups = [{k: v for k, v in curves.items() if "pretraining" not in k},
-              {k: v for k, v in curves.items() if "pretraining" in k}]
-    groups = [g for g in groups if g]
-    fig, axes = plt.subplots(1, len(groups), figsize=(6.5 * len(groups), 3.6), squeeze=False)
-    for ax, group in zip(axes[0], groups):
+    panels = curve_panels(list(curves))
+    titles = {k: (t, y) for k, t, y in CURVE_PANELS}
+    ce = f" + {ce_weight:g} x cross-entropy (nats)" if ce_weight else " (nats)"
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 3.6), squeeze=False)
+    for ax, (key, names) in zip(axes[0], panels.items()):
+        title, ylabel = titles.get(key, (key, "training loss"))
         temp_ax = None
-        for name, rows in group.items():
+        for name in names:
+            rows = curves[name]
             ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], label=f"{name} loss", lw=1.3)
             if any("temperature" in r for r in rows):
                 temp_ax = temp_ax or ax.twinx()
                 temp_ax.plot([r["step"] for r in rows], [r.get("temperature") for r in rows], ls="--", color="gray",
                              lw=1, label=f"{name} temperature")
                 temp_ax.set_ylabel("temperature")
+        ax.set_title(title, fontsize=10)
         ax.set_xlabel("optimizer step")
-        ax.set_ylabel("training loss (nats)")
+        ax.set_ylabel(ylabel.format(ce=ce))
         ax.set_yscale("log")
         lines, labels = ax.get_legend_handles_labels()
         if temp_ax is not None:
@@ -155,7 +192,7 @@ def training_curves_png(curves: dict[str, list[dict]]) -> str | None:
             lines, labels = lines + l2, labels + lb2
         ax.legend(lines, labels, fontsize=8, loc="upper right")
         ax.grid(alpha=0.3)
-    fig.subplots_adjust(wspace=0.45)
+    fig.subplots_adjust(wspace=0.5)
     return _png(fig)
 
 
@@ -187,20 +224,33 @@ def pareto_png(planner: dict, variants: dict) -> str | None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     ax.set_title("planner: predicted", fontsize=10)
-    # measured: bytes against CLAP score of every evaluated variant
-    ax = axes[1]
-    drawn = False
-    for i, (name, v) in enumerate(variants.items()):
-        if v.get("bytes") is None or v.get("clap") is None:
-            continue
-        ax.scatter([v["bytes"] / 1e6], [v["clap"]], color=f"C{i % 10}", s=50)
-        ax.annotate(name, (v["bytes"] / 1e6, v["clap"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
-        drawn = True
-    ax.set_xlabel("model bytes (MB)")
-    ax.set_ylabel("CLAP score (higher is better)")
-    ax.grid(alpha=0.3)
-    ax.set_title("variants: measured" if drawn else "variants: no CLAP scores", fontsize=10)
+    measured_scatter(axes[1], variants)
+    fig.subplots_adjust(wspace=0.35)
     return _png(fig)
+
+
+def measured_scatter(ax, variants: dict) -> list[str]:
+    """Bytes against CLAP score (FAD where no variant has one) of every measured variant on ``ax``;
+    a legend beside the axes names them (labels at the points overlap: variants share sizes).
+    Returns the variants drawn."""
+    key = "clap" if any(v.get("clap") is not None for v in variants.values()) else "fad"
+    markers = "osD^v*Ph"
+    drawn = []
+    for i, (name, v) in enumerate(variants.items()):
+        if v.get("bytes") is None or v.get(key) is None:
+            continue
+        ax.scatter([v["bytes"] / 1e6], [v[key]], color=f"C{i % 10}", marker=markers[i % len(markers)], s=55,
+                   alpha=0.85, label=name)
+        drawn.append(name)
+    embedder = next((v.get(f"{key}_embedder") for v in variants.values() if v.get(f"{key}_embedder")), None)
+    ax.set_xlabel("model bytes (MB)")
+    ax.set_ylabel(("CLAP score (higher is better)" if key == "clap" else "FAD (lower is better)")
+                  + (f", {embedder}" if embedder else ""))
+    ax.grid(alpha=0.3)
+    if drawn:
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0)
+    ax.set_title("variants: measured" if drawn else "variants: no CLAP or FAD scores", fontsize=10)
+    return drawn
 
 
 def sensitivity_png(table: dict[str, dict[str, dict]]) -> str | None:
@@ -235,26 +285,93 @@ def sensitivity_png(table: dict[str, dict[str, dict]]) -> str | None:
 # ------------------------------------------------------------------------------------------ sections
 
 
+def run_scale(results: dict) -> tuple[str, str]:
+    """``(kind, why)``: ``"toy"``, ``"stand-in"`` or ``"real"``, from the results alone.
+
+    Toy: the smoke preset, or checkpoints whose ``student_base`` holds under ``TOY_BYTES`` of weights.
+    Stand-in: the mini world (models trained here on rendered music, not MusicGen). Real: the rest.
+    """
+    world = results.get("world") or {}
+    fp32 = ((results.get("variants") or {}).get("student_base") or {}).get("bytes")
+    if results.get("preset") == "smoke":
+        return "toy", "the smoke preset: toy models trained for a few steps on a few clips"
+    if world.get("source") in ("built", "hub"):
+        return "stand-in", ("the mini world: a codec, text encoder, teacher and student trained here on music rendered "
+                            "from MIDI, far smaller than MusicGen")
+    if isinstance(fp32, (int, float)) and fp32 < TOY_BYTES:
+        return "toy", f"student_base holds {_mb(fp32)} of weights; MusicGen-small holds 2,350 MB"
+    return "real", ""
+
+
+def banner(results: dict) -> str:
+    """The warning a toy or stand-in run opens with, as plain text ("" for a run at real size)."""
+    kind, why = run_scale(results)
+    if kind == "toy":
+        return (f"TOY SIZES ({why}). These figures show that every stage runs (the plumbing), not how good "
+                "anything is; none of them compares with the paper's.")
+    if kind == "stand-in":
+        return (f"STAND-IN MODELS ({why}). Compare the variants with each other (same data, prompts and "
+                "embedders); absolute FAD, CLAP and sizes do not compare with the paper's MusicGen figures.")
+    return ""
+
+
+def headline_rows(results: dict) -> list[dict[str, Any]]:
+    """The headline's rows: figure, the paper's figure, kdq's (with its embedder), and whether the two
+    are compared (``why`` not when: a toy or stand-in run, or another embedder than the paper's)."""
+    h = results.get("headline") or {}
+    kind, _ = run_scale(results)
+    v = (results.get("variants") or {}).get(h.get("variant", "student_kd_paper_plan")) or {}
+    emb = {k: v.get(f"{k}_embedder") for k in ("fad", "clap")}
+    parts = h.get("retention_parts") or {}
+    kept = ", ".join(f"{k.upper()} {_pct(x)} ({_embedder(results, emb.get(k))})" for k, x in parts.items()
+                     if isinstance(x, (int, float)))
+    rows = []
+    for key, figure, fmt in (("fad", "FAD (lower is better)", lambda x: _fmt(x, 2)),
+                             ("clap", "CLAP score (higher is better)", _fmt),
+                             ("size_reduction", "size reduction against fp32", _pct),
+                             ("retention", "retention", _pct)):
+        paper, ours = fmt(PAPER[key]), fmt(h.get(key))
+        why = "" if kind == "real" else f"{kind} run"
+        if key in PAPER_EMBEDDERS:
+            want, name = PAPER_EMBEDDERS[key]
+            paper += f" ({name})"
+            ours += f" ({_embedder(results, emb[key])})"
+            if not why and emb[key] != want:
+                why = f"embedder {_embedder(results, emb[key])}, not the paper's {name}"
+        elif key == "retention" and kept:
+            ours += f" (mean of {kept})"
+        rows.append({"figure": figure, "paper": paper, "kdq": ours, "compared": not why, "why": why})
+    return rows
+
+
+def _embedder(results: dict, key: str | None) -> str:
+    """An embedder's name as the run labelled it (``clap-mini (proxy)`` for ``clap-mini-proxy``)."""
+    if key is None:
+        return "embedder not recorded"
+    return str((results.get("embedders") or {}).get(key, key))
+
+
+def _paper_line() -> str:
+    return (f"TinyMusician reports, for MusicGen-small distilled from MusicGen-large and quantized: FAD "
+            f"{_fmt(PAPER['fad'], 2)} ({PAPER_EMBEDDERS['fad'][1]}), CLAP score {_fmt(PAPER['clap'])} "
+            f"({PAPER_EMBEDDERS['clap'][1]}), {_pct(PAPER['size_reduction'])} smaller, {_pct(PAPER['retention'])} "
+            "of the quality retained.")
+
+
 def _headline(results: dict) -> str:
     h = results.get("headline") or {}
-    cmd = html.escape(results.get("command", ""))
-    emb = h.get("embedder")
-    note = (f"kdq's FAD and CLAP score use the embedder <b>{html.escape(str(emb))}</b>; the paper used VGGish/LAION "
-            "CLAP on real MusicGen: figures from different embedders and models are not comparable, compare "
-            "the ratios." if emb else "")
-    rows = [
-        ["FAD (lower is better)", _fmt(PAPER["fad"], 2), _fmt(h.get("fad")), f"<code>{cmd}</code>"],
-        ["CLAP score (higher is better)", _fmt(PAPER["clap"]), _fmt(h.get("clap")), f"<code>{cmd}</code>"],
-        ["size reduction vs fp32", _pct(PAPER["size_reduction"]), _pct(h.get("size_reduction")), f"<code>{cmd}</code>"],
-        ["retention", _pct(PAPER["retention"]), _pct(h.get("retention")), f"<code>{cmd}</code>"],
-    ]
+    rows = [[r["figure"], html.escape(r["paper"]) if r["compared"] else
+             f'<span class="skip">not compared: {html.escape(r["why"])}</span>', html.escape(r["kdq"])]
+            for r in headline_rows(results)]
     variant = html.escape(str(h.get("variant", "student_kd_paper_plan")))
     baseline = html.escape(str(h.get("baseline", "student_base")))
     definition = html.escape(str(h.get("retention_definition", "")))
-    return (f'<section id="headline"><h2>TinyMusician: paper against kdq</h2>'
+    return (f'<section id="headline"><h2>TinyMusician: paper against kdq</h2><p>{html.escape(_paper_line())}</p>'
             f"<p>kdq column: variant <code>{variant}</code> against <code>{baseline}</code>. {definition}</p>"
-            + _table(["figure", "paper (TinyMusician)", "kdq (this run)", "command"], rows, "headline")
-            + f"<p class='note'>{note}</p></section>")
+            + _table(["figure", "paper (TinyMusician)", "kdq (this run)"], rows, "headline")
+            + "<p class='note'>FAD and CLAP figures depend on the embedder, the reference set and the number of "
+              "clips (docs/metrics.md): a paper figure stands beside kdq's only for a run at real size with the "
+              "paper's embedder.</p></section>")
 
 
 def _ablation(results: dict) -> str:
@@ -291,13 +408,15 @@ def _figures(results: dict, root: Path) -> str:
         elif isinstance(rel, list):
             curves[name] = rel
     planner = results.get("planner", {}) or {}
+    ce_weight = ((results.get("config") or {}).get("distill") or {}).get("ce_weight")
     parts = [
-        _figure("Training curves", training_curves_png(curves), "no training curves in results",
-                "loss per optimizer step (log scale); dashed: StageMixedKL temperature"),
+        _figure("Training curves", training_curves_png(curves, ce_weight=ce_weight), "no training curves in results",
+                "loss per optimizer step (log scale), one panel per objective: their losses are different "
+                "quantities; dashed: StageMixedKL temperature"),
         _figure("Size against quality", pareto_png(planner, results.get("variants", {})),
                 planner.get("skipped", "no planner data in results"),
                 "left: the planner's predicted frontier with the paper plan and kdq's plan; "
-                "right: measured CLAP score of every variant"),
+                "right: measured CLAP score (FAD where there is none) of every variant"),
         _figure("Per-module sensitivity", sensitivity_png(planner.get("sensitivity") or {}),
                 planner.get("skipped", "no sensitivity table in results"),
                 "KL of the model's output to the fp32 model's when only that group changes dtype"),
@@ -351,22 +470,24 @@ def _wav_uri(path: Path) -> str | None:
 
 
 def _audio(results: dict, root: Path) -> str:
+    """Per prompt, a grid of players (one per variant) that wraps to the page's width."""
     prompts = results.get("prompts") or []
     variants = results.get("variants", {})
     names = [n for n in [*VARIANTS, *variants] if n in variants and variants[n].get("samples")]
     names = list(dict.fromkeys(names))
     if not prompts or not names:
         return '<section id="audio"><h2>Listen</h2><p class="skip">no samples in results</p></section>'
-    rows = []
+    blocks = []
     for i, prompt in enumerate(prompts):
-        row = [html.escape(prompt)]
+        cells = []
         for n in names:
             samples = variants[n]["samples"]
             uri = _wav_uri(root / samples[i]) if i < len(samples) else None
-            row.append(f'<audio controls preload="none" src="{uri}"></audio>' if uri else "missing")
-        rows.append(row)
-    return ('<section id="audio"><h2>Listen: the same prompts across variants</h2>'
-            + _table(["prompt", *[f"<code>{n}</code>" for n in names]], rows, "audio") + "</section>")
+            player = f'<audio controls preload="none" src="{uri}"></audio>' if uri else '<span class="skip">missing</span>'
+            cells.append(f'<div class="player"><code>{html.escape(n)}</code>{player}</div>')
+        blocks.append(f'<div class="prompt"><p><b>{i + 1}.</b> {html.escape(prompt)}</p>'
+                      f'<div class="players">{"".join(cells)}</div></div>')
+    return '<section id="audio"><h2>Listen: the same prompts across variants</h2>' + "".join(blocks) + "</section>"
 
 
 def _environment(results: dict) -> str:
@@ -379,7 +500,11 @@ body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;max-width:1180px;ma
 h1{font-size:1.6em}h2{border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:1.6em}h3{font-size:1em}
 table{border-collapse:collapse;margin:.6em 0;font-size:.88em}th,td{border:1px solid #ccc;padding:.3em .55em;text-align:left;vertical-align:top}
 th{background:#f3f3f3}code{font-size:.9em;background:#f6f6f6;padding:0 .2em}.skip{color:#a33}.note{color:#555;font-size:.9em}
-figure{margin:1em 0}img{max-width:100%}audio{width:210px}
+figure{margin:1em 0}img{max-width:100%}audio{width:100%;height:2.2em}
+.banner{background:#fff3cd;border:2px solid #c90;padding:.7em 1em;font-weight:600;margin:1em 0}
+.prompt{margin:.8em 0 1.2em}.prompt p{margin:.2em 0}
+.players{display:grid;grid-template-columns:repeat(auto-fill,minmax(220px,1fr));gap:.4em .8em}
+.player code{display:block;font-size:.8em;margin-bottom:.1em}
 """
 
 
@@ -395,14 +520,51 @@ def render(results: dict, root: str | Path) -> str:
                for k, v in (results.get("stages") or {}).items() if isinstance(v, dict) and v.get("skipped")]
     skipped_html = f"<p>Stages not run:</p><ul>{''.join(skipped)}</ul>" if skipped else ""
 
+    warning = banner(results)
     body = [
         f"<h1>{title}</h1>",
+        f'<p class="banner" id="banner">{html.escape(warning)}</p>' if warning else "",
         f"<p>Made by <code>{cmd}</code> on {html.escape(str(results.get('created', '')))}.</p>{skipped_html}",
         _headline(results), _ablation(results), _figures(results, root), _ort(results), _stages(results),
         _audio(results, root), _environment(results),
     ]
     return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{title}</title>'
             f"<style>{CSS}</style></head><body>{''.join(body)}</body></html>")
+
+
+def _text_table(header: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in [header, *rows]]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def terminal_summary(results: dict) -> str:
+    """The end of a run as plain text: banner, ablation (variant, bytes, FAD, CLAP, NLL, KL), the
+    headline (paper | kdq) and where results.json and report.html are."""
+    variants = results.get("variants") or {}
+    names = [n for n in dict.fromkeys([*VARIANTS, *variants]) if n in variants]
+    emb = {k: next((v.get(f"{k}_embedder") for v in variants.values() if v.get(f"{k}_embedder")), None)
+           for k in ("fad", "clap")}
+    rows = []
+    for n in names:
+        v = variants[n]
+        if v.get("skipped") and v.get("bytes") is None:
+            rows.append([n, f"skipped: {v['skipped']}", "", "", "", ""])
+            continue
+        rows.append([n, _mb(v.get("bytes")), _fmt(v.get("fad")), _fmt(v.get("clap")), _fmt(v.get("nll")),
+                     _fmt(v.get("kl_teacher"), 4)])
+    ablation = _text_table(["variant", "bytes", f"FAD ({_embedder(results, emb['fad'])})",
+                            f"CLAP ({_embedder(results, emb['clap'])})",
+                            "NLL (nats/token)", "KL to teacher"], rows)
+    head = _text_table(["figure", "paper (TinyMusician)", "kdq (this run)"],
+                       [[r["figure"], r["paper"] if r["compared"] else f"not compared: {r['why']}", r["kdq"]]
+                        for r in headline_rows(results)])
+    out = Path(str(results.get("out", ".")))
+    warning = banner(results)
+    parts = [*([warning] if warning else []), "ablation (test split):", ablation, "", "headline:", head, "",
+             f"results: {out / 'results.json'}", f"report:  {out / 'report.html'}"]
+    return "\n".join(parts)
 
 
 def write_report(results_path: str | Path, out: str | Path | None = None) -> Path:

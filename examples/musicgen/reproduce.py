@@ -4,6 +4,14 @@
 
     python examples/musicgen/reproduce.py [--preset smoke|mini|paper] [--out DIR] [--from-scratch]
         [--force STAGE ...] [--set PATH=VALUE ...] [--dataset DIR --teacher ID --student ID] [--nproc N]
+        [--steps N] [--clips N] [--clip-seconds S] [--micro-batch N] [--grad-accum N] [--warmup F]
+        [--no-progress] [--debug]
+
+Every argument is checked before any work (datasets, folders, checkpoints: hub ids only in the local
+Hugging Face cache, never over the network); a bad one ends the command with one line and exit
+status 2. An error raised during the run (a typed ``KdqError``) ends it with one line and exit
+status 1 (``--debug``: the traceback); the next run resumes where it stopped. The run ends by
+printing the ablation table, the headline (paper | kdq) and where results.json and report.html are.
 
 The pipeline, read top to bottom (``run``). Every stage goes through ``musicgen.pipeline``: cached
 under a key made of its settings (``musicgen.config``) and its inputs, resumable when interrupted,
@@ -28,8 +36,12 @@ redone with what depends on it by ``--force STAGE``. A failing stage stops the r
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
+import os
 import platform
 import shlex
+import shutil
 import sys
 import time
 from datetime import datetime, timezone
@@ -40,26 +52,54 @@ if __package__ in (None, ""):  # run as a script: import the example as the pack
 
 import torch
 
-from kdq.errors import KdqError
+from kdq.errors import KdqError, bad_value, close_matches
 from musicgen import flush_denormals
-from musicgen.config import DatasetConfig, Preset, override, preset
+from musicgen.config import Config, DatasetConfig, Preset, override, preset
 from musicgen.files import sha256, write_json
 from musicgen.pipeline import Context, Pipeline
+
+SPLITS = ("train", "valid", "test")
+#: every stage name a run can have (``--force`` takes these)
+STAGES = ("hub", "render", "codec", "text", "data", "tokens", "teacher", "student_base", "distill_ce", "distill_kd",
+          "plan", "export", "clap_mini", "evaluate")
+
+
+class ArgumentError(KdqError):
+    """A command-line argument that cannot work (a missing folder, a checkpoint not available offline)."""
 
 
 # ---------------------------------------------------------------------------------- models and data
 
 
 def dataset_stage(cfg: DatasetConfig, ctx: Context) -> dict:
-    """The user's audiofolder dataset (paper preset): its splits, counted."""
-    from musicgen.data.audiofolder import Skipped, read_split
+    """The user's audiofolder dataset (paper preset): its splits, counted.
 
+    With ``cfg.max_clips``, the first ``max_clips`` clips of each split (metadata order) are copied
+    into ``ctx.folder/data`` in the same layout, and the rest of the run reads that copy.
+    """
+    from tqdm.auto import tqdm
+
+    from musicgen.data.audiofolder import Skipped, read_split, write_metadata
+
+    source = Path(cfg.root).resolve()
+    root = source if cfg.max_clips is None else ctx.folder / "data"
     counts, skipped = {}, {}
-    for split in ("train", "valid", "test"):
+    for split in SPLITS:
         bad = Skipped()
-        counts[split] = len(read_split(cfg.root, split, text_column=cfg.text_column, skipped=bad))
+        clips = read_split(source, split, text_column=cfg.text_column, skipped=bad)
+        if cfg.max_clips is not None:
+            clips = clips[: cfg.max_clips]
+            for clip in tqdm(clips, desc=f"copy {split}", disable=not ctx.progress, leave=False):
+                target = root / split / clip.path.relative_to(source / split)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                if clip.path.is_file():  # a missing file is kept in the metadata: the tokens stage counts it
+                    shutil.copyfile(clip.path, target)
+            write_metadata(root, split, [{**c.meta, "file_name": str(c.path.relative_to(source / split)),
+                                          cfg.text_column: c.text} for c in clips])
+        counts[split] = len(clips)
         skipped[split] = bad.summary()
-    return {"root": str(Path(cfg.root).resolve()), "counts": counts, "skipped_metadata": skipped, "source": "user dataset"}
+    return {"root": str(root), "source_root": str(source), "max_clips": cfg.max_clips, "counts": counts,
+            "skipped_metadata": skipped, "source": "user dataset"}
 
 
 def models_and_data(p: Preset, pipe: Pipeline, *, from_scratch: bool) -> dict:
@@ -163,7 +203,7 @@ def run(p: Preset, out: str | Path, *, from_scratch: bool = False, force: set[st
 
     results = {
         "preset": p.name,
-        "command": command or f"python examples/musicgen/reproduce.py --preset {p.name} --out {out}",
+        "command": command or command_for(p, out, from_scratch=from_scratch),
         "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "out": str(out),
         "world": {k: md[k] for k in ("teacher", "student_base", "source", "figures")},
@@ -215,55 +255,274 @@ def versions() -> dict:
 # -------------------------------------------------------------------------------------------- main
 
 
+def _changed(base: Config, cfg: Config, prefix: str = "") -> dict:
+    """``{dotted path: value}`` of every setting of ``cfg`` that differs from ``base``."""
+    out = {}
+    for f in dataclasses.fields(cfg):
+        a, b = getattr(base, f.name), getattr(cfg, f.name)
+        if isinstance(a, Config) and type(a) is type(b):
+            out.update(_changed(a, b, f"{prefix}{f.name}."))
+        elif a != b:
+            out[prefix + f.name] = b.to_dict() if isinstance(b, Config) else b
+    return out
+
+
+def _set_item(path: str, value) -> str:
+    """``PATH=VALUE`` for ``--set``: bare text where ``override`` reads it back as the same string, else JSON."""
+    if isinstance(value, str):
+        try:
+            bare = json.loads(value) == value
+        except json.JSONDecodeError:
+            bare = True
+        if bare:
+            return f"{path}={value}"
+    return f"{path}={json.dumps(value)}"
+
+
+def command_for(p: Preset, out: str | Path, *, from_scratch: bool = False) -> str:
+    """A command line that reproduces preset ``p``: its name and one ``--set`` per setting that differs."""
+    args = ["--preset", p.name, "--out", str(out), *(["--from-scratch"] if from_scratch else [])]
+    changes = _changed(preset(p.name), p)
+    if "distill.train.steps" in changes:  # parse() would rescale the warm-up to the preset's share otherwise
+        changes["distill.train.warmup_steps"] = p.distill.train.warmup_steps
+    if changes:
+        args += ["--set", *(_set_item(k, v) for k, v in changes.items())]
+    return "python examples/musicgen/reproduce.py " + shlex.join(args)
+
+
+def _read_config(folder: Path, flag: str, value: str) -> dict:
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except OSError as e:
+        raise bad_value(ArgumentError, flag, value, "a model folder with a readable config.json",
+                        f"{folder / 'config.json'}: {e.strerror or e}") from None
+    except ValueError:
+        raise bad_value(ArgumentError, flag, value, "a model folder whose config.json is JSON",
+                        f"{folder / 'config.json'} is not JSON") from None
+    return config if isinstance(config, dict) else {}
+
+
+def local_checkpoint(flag: str, value: str, *, model_type: str, tokenizer: bool = True) -> tuple[str, dict]:
+    """The local folder of a checkpoint given as a folder or a hub id, and its config; no network.
+
+    A hub id must already be in the local Hugging Face cache (``snapshot_download(local_files_only=True)``);
+    its snapshot folder is returned, so the run loads it offline. The folder must hold a
+    ``config.json`` of ``model_type``, safetensors weights and (``tokenizer``) tokenizer files.
+
+    Raises:
+        ArgumentError: naming ``flag``, the value, what is allowed and the fix.
+    """
+    folder = Path(value).expanduser()
+    if not folder.is_dir():
+        if folder.exists():
+            raise bad_value(ArgumentError, flag, value, "a model folder or a hub id (it is a file)")
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.constants import HF_HUB_CACHE
+        from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+
+        try:
+            folder = Path(snapshot_download(value, local_files_only=True))
+        except (HFValidationError, LocalEntryNotFoundError):
+            raise bad_value(ArgumentError, flag, value,
+                            f"a model folder, or a hub id already in the local Hugging Face cache ({HF_HUB_CACHE}); "
+                            "it is neither", f"download it first (hf download {value}) or pass its folder") from None
+    config = _read_config(folder, flag, value)
+    if config.get("model_type") != model_type:
+        raise bad_value(ArgumentError, flag, value, f"a {model_type} checkpoint",
+                        f"its config.json says model_type={config.get('model_type')!r}")
+    if not any((folder / f).is_file() for f in ("model.safetensors", "model.safetensors.index.json")):
+        raise bad_value(ArgumentError, flag, value, "a folder with safetensors weights (model.safetensors)",
+                        "kdq never loads pickled weights: convert them with save_pretrained(safe_serialization=True)")
+    if tokenizer and not any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "spiece.model")):
+        raise bad_value(ArgumentError, flag, value, "a folder with the model's tokenizer files",
+                        "save the tokenizer next to the model (tokenizer.save_pretrained(folder))")
+    return str(folder), config
+
+
+def check_dataset(root: str, text_column: str) -> None:
+    """An audiofolder dataset with train, valid and test metadata and clips in train and test."""
+    from musicgen.data.audiofolder import DatasetError, read_split
+
+    folder = Path(root).expanduser()
+    if not folder.is_dir():
+        raise bad_value(ArgumentError, "--dataset", root, "an existing folder (audiofolder: <split>/metadata.jsonl)",
+                        "it is not a folder")
+    if not os.access(folder, os.R_OK | os.X_OK):
+        raise bad_value(ArgumentError, "--dataset", root, "a folder this user can read", "check its permissions")
+    counts = {}
+    for split in SPLITS:
+        try:
+            counts[split] = len(read_split(folder, split, text_column=text_column))
+        except (DatasetError, OSError) as e:
+            raise bad_value(ArgumentError, "--dataset", root, f"an audiofolder dataset with a readable {split} split",
+                            str(e)) from None
+    if not counts["train"] or not counts["test"]:
+        raise bad_value(ArgumentError, "--dataset", root, "clips in the train and test splits", f"it has {counts}")
+
+
+def check_out(out: str) -> None:
+    """An output folder that exists, or can be made, and can be written."""
+    path = Path(out).expanduser().resolve()
+    if path.exists() and not path.is_dir():
+        raise bad_value(ArgumentError, "--out", out, "a folder (it is a file)", "choose another --out")
+    parent = next(q for q in (path, *path.parents) if q.exists())
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise bad_value(ArgumentError, "--out", out, "a folder this user can write", f"{parent} is not writable")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with errors as one line (no usage block) and exit status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _warmup_steps(base: Preset, changes: dict, fraction: float) -> int | None:
+    """``fraction`` of the distillation steps the run will have (None when the steps value is invalid:
+    ``override`` then names it)."""
+    raw = changes.get("distill.train.steps", base.distill.train.steps)
+    try:
+        return round(fraction * int(json.loads(raw) if isinstance(raw, str) else raw))
+    except (ValueError, TypeError):
+        return None
+
+
 def parse(argv: list[str] | None) -> tuple[argparse.Namespace, Preset]:
-    """The arguments and the preset they describe; every argument error exits with status 2 before any work."""
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    """The arguments and the preset they describe; every argument error exits with status 2 and one
+    line, before any work (``--debug``: with the traceback of a typed error)."""
+    ap = _Parser(prog="reproduce.py", description=__doc__.split("\n\n")[0])
     ap.add_argument("--preset", default="mini", choices=["smoke", "mini", "paper"])
-    ap.add_argument("--out", help="output folder (default runs/<preset>)")
+    ap.add_argument("--out", metavar="DIR", help="output folder (default runs/<preset>)")
     ap.add_argument("--from-scratch", action="store_true", help="rebuild the world instead of starting from the shipped one")
-    ap.add_argument("--force", nargs="*", default=[], help="stages to redo (and everything downstream of them)")
+    ap.add_argument("--force", nargs="*", default=[], metavar="STAGE", help="stages to redo (and everything downstream of them)")
     ap.add_argument("--set", nargs="*", default=[], metavar="PATH=VALUE", help="change settings, e.g. distill.train.steps=50")
-    ap.add_argument("--dataset", help="paper preset: audiofolder dataset root (splits train/valid/test)")
-    ap.add_argument("--teacher", help="paper preset: teacher hub id or folder (default facebook/musicgen-large)")
-    ap.add_argument("--student", help="paper preset: student hub id or folder (default facebook/musicgen-small)")
-    ap.add_argument("--steps", type=int, help="distillation steps (same as --set distill.train.steps=N)")
-    ap.add_argument("--clap", help="a CLAP checkpoint (hub id or folder) for FAD/CLAP with the real embedder")
-    ap.add_argument("--nproc", type=int, default=1, help="processes for distillation (torchrun DDP; one per GPU)")
-    ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--dataset", metavar="DIR", help="paper preset: audiofolder dataset root (splits train/valid/test)")
+    ap.add_argument("--teacher", metavar="ID", help="paper preset: teacher folder, or hub id in the local cache (default facebook/musicgen-large)")
+    ap.add_argument("--student", metavar="ID", help="paper preset: student folder, or hub id in the local cache (default facebook/musicgen-small)")
+    ap.add_argument("--clap", metavar="ID", help="a CLAP checkpoint (folder, or hub id in the local cache) for FAD/CLAP with the real embedder")
+    size = ap.add_argument_group("sizes (shortcuts for --set)")
+    size.add_argument("--steps", type=int, metavar="N", help="distillation steps (distill.train.steps); warm-up keeps its share unless --warmup")
+    size.add_argument("--clips", type=int, metavar="N", help="paper preset: at most N clips per split, the first of each (data.max_clips)")
+    size.add_argument("--clip-seconds", type=float, metavar="S", help="seconds per training and reference clip (data.clip_seconds)")
+    size.add_argument("--micro-batch", type=int, metavar="N", help="clips per forward pass (distill.train.micro_batch)")
+    size.add_argument("--grad-accum", type=int, metavar="N", help="micro-batches per optimizer step (distill.train.grad_accum)")
+    size.add_argument("--warmup", type=float, metavar="F",
+                      help="learning-rate warm-up as a fraction of the distillation steps, in [0, 1)")
+    ap.add_argument("--nproc", type=int, default=1, metavar="N", help="processes for distillation (torchrun DDP; one per GPU)")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bars or stage lines")
+    ap.add_argument("--debug", action="store_true", help="show tracebacks of errors")
     args = ap.parse_args(argv)
+
+    def fail(e: KdqError) -> None:
+        if args.debug:
+            raise e
+        ap.error(" ".join(str(e).split()))
+
     changes = {}
     for item in args.set:
         if "=" not in item:
             ap.error(f"--set takes PATH=VALUE items, got {item!r}")
         path, value = item.split("=", 1)
         changes[path] = value
+    paper = args.preset == "paper"
     for flag, path in (("dataset", "data.root"), ("teacher", "teacher_id"), ("student", "student_id"),
-                       ("steps", "distill.train.steps"), ("clap", "eval.clap")):
+                       ("clips", "data.max_clips")):
+        if getattr(args, flag) is not None and not paper:
+            ap.error(f"--{flag} is for the paper preset (a user's dataset and checkpoints); "
+                     f"--preset {args.preset} builds its own")
+    for flag, path in (("dataset", "data.root"), ("teacher", "teacher_id"), ("student", "student_id"),
+                       ("steps", "distill.train.steps"), ("clap", "eval.clap"), ("clips", "data.max_clips"),
+                       ("clip_seconds", "data.clip_seconds"), ("micro_batch", "distill.train.micro_batch"),
+                       ("grad_accum", "distill.train.grad_accum")):
         if getattr(args, flag) is not None:
             changes[path] = getattr(args, flag)
     try:
-        p = override(preset(args.preset), changes)
+        base = preset(args.preset)
     except KdqError as e:
-        ap.error(str(e))
-    if p.name == "paper":
-        root = getattr(p.data, "root", None)
-        if not root:
-            ap.error("the paper preset needs --dataset DIR (audiofolder: <split>/metadata.jsonl with a text column)")
-        if not Path(root).is_dir():
-            ap.error(f"--dataset {root!r} is not a folder")
+        fail(e)
+    if args.warmup is not None:
+        if "distill.train.warmup_steps" in changes:
+            ap.error("give --warmup F or --set distill.train.warmup_steps=N, not both")
+        if not 0 <= args.warmup < 1:
+            ap.error(f"--warmup={args.warmup!r} is not allowed: a fraction of the steps in [0, 1), e.g. 0.05")
+        fraction = args.warmup
+    else:  # changed steps keep the preset's share of warm-up (the paper's 250 of 5,000 steps: 5%)
+        fraction = base.distill.train.warmup_steps / base.distill.train.steps
+    if "distill.train.warmup_steps" not in changes and (args.warmup is not None or "distill.train.steps" in changes):
+        warmup = _warmup_steps(base, changes, fraction)
+        if warmup is not None:
+            changes["distill.train.warmup_steps"] = warmup
+    try:
+        p = override(base, changes)
+    except KdqError as e:
+        fail(e)
     if args.nproc < 1:
-        ap.error(f"--nproc {args.nproc}: must be >= 1")
+        ap.error(f"--nproc={args.nproc}: must be >= 1")
+    unknown = [s for s in args.force if s not in STAGES]
+    if unknown:
+        ap.error(f"--force {unknown[0]!r}: not a stage{close_matches(unknown[0], STAGES)}; stages: {list(STAGES)}")
+    try:
+        check_out(args.out or f"runs/{p.name}")
+        if p.name == "paper":
+            if not p.data.root:
+                raise ArgumentError("the paper preset needs --dataset DIR (audiofolder: <split>/metadata.jsonl "
+                                    "with a text column)")
+            check_dataset(p.data.root, p.data.text_column)
+            teacher, t_cfg = local_checkpoint("--teacher", p.teacher_id, model_type="musicgen")
+            student, s_cfg = local_checkpoint("--student", p.student_id, model_type="musicgen")
+            shared = ("vocab_size", "num_codebooks")
+            if [t_cfg.get("decoder", {}).get(k) for k in shared] != [s_cfg.get("decoder", {}).get(k) for k in shared]:
+                raise ArgumentError(f"--teacher {p.teacher_id!r} and --student {p.student_id!r} must share the codec's "
+                                    f"codes to be distilled: decoder {shared} differ; use a teacher and student of one family")
+            changes.update({"teacher_id": teacher, "student_id": student})
+        if p.eval.clap:
+            changes["eval.clap"] = local_checkpoint("--clap", p.eval.clap, model_type="clap", tokenizer=False)[0]
+        p = override(base, changes)
+    except KdqError as e:
+        fail(e)
     return args, p
+
+
+class _LibraryBars:
+    """transformers' own progress bars (loading and writing weights) off while a ``--no-progress`` run lasts."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+
+    def __enter__(self):
+        from transformers.utils import logging
+
+        self.was = logging.is_progress_bar_enabled()
+        if not self.enabled:
+            logging.disable_progress_bar()
+
+    def __exit__(self, *exc):
+        from transformers.utils import logging
+
+        if self.was:
+            logging.enable_progress_bar()
 
 
 @flush_denormals
 def main(argv: list[str] | None = None) -> dict:
+    """Run the command line; errors end it with one line (exit 2: arguments; 1: the run) unless ``--debug``."""
+    from musicgen.report import terminal_summary
+
+    argv = list(sys.argv[1:] if argv is None else argv)
     args, p = parse(argv)
-    command = "python examples/musicgen/reproduce.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
-    results = run(p, args.out or f"runs/{p.name}", from_scratch=args.from_scratch, force=set(args.force),
-                  progress=not args.no_progress, nproc=args.nproc, command=command.strip())
-    out = Path(results["out"])
-    print(f"results: {out / 'results.json'}\nreport:  {out / 'report.html'}")
+    command = "python examples/musicgen/reproduce.py " + shlex.join(argv)
+    try:
+        with _LibraryBars(not args.no_progress):
+            results = run(p, args.out or f"runs/{p.name}", from_scratch=args.from_scratch, force=set(args.force),
+                          progress=not args.no_progress, nproc=args.nproc, command=command.strip())
+    except KdqError as e:
+        if args.debug:
+            raise
+        stage = getattr(e, "stage", None)
+        print(f"reproduce.py: error{f' in stage {stage}' if stage else ''}: {' '.join(str(e).split())} "
+              "(--debug shows the traceback; the next run resumes here)", file=sys.stderr)
+        raise SystemExit(1) from None
+    print(terminal_summary(results))
     return results
 
 

@@ -71,12 +71,33 @@ def _eval_mode(module: torch.nn.Module) -> Iterator[None]:
             m.train(flag)
 
 
+def _named_inputs(inputs: Any, input_names: Sequence[str] | None) -> dict[str, torch.Tensor]:
+    """``inputs`` as ``{graph input name: tensor}`` (a mapping names its own; a tuple takes ``input_names``)."""
+    if isinstance(inputs, Mapping):
+        if input_names is not None and list(input_names) != list(inputs):
+            raise bad_value(OnnxExportError, "input_names", list(input_names), f"None, or the mapping's own keys {list(inputs)}",
+                            "name the inputs in one place")
+        return dict(inputs)
+    if isinstance(inputs, torch.Tensor):
+        inputs = (inputs,)
+    if not isinstance(inputs, (tuple, list)) or not all(isinstance(t, torch.Tensor) for t in inputs):
+        raise bad_value(OnnxExportError, "inputs", type(inputs).__name__,
+                        "a mapping {name: tensor}, a tuple of tensors, or one tensor",
+                        "a trailing dict of keyword arguments (torch.onnx.export accepts one) is not supported: "
+                        "pass every input by position")
+    names = list(input_names) if input_names is not None else [f"input_{i}" for i in range(len(inputs))]
+    if len(names) != len(inputs) or len(set(names)) != len(names):
+        raise bad_value(OnnxExportError, "input_names", names, f"{len(inputs)} distinct names, one per input")
+    return dict(zip(names, inputs))
+
+
 def export_onnx(
     module: torch.nn.Module,
-    inputs: Mapping[str, torch.Tensor],
+    inputs: Mapping[str, torch.Tensor] | Sequence[torch.Tensor] | torch.Tensor,
     path: str | os.PathLike,
     *,
-    output_names: Sequence[str],
+    input_names: Sequence[str] | None = None,
+    output_names: Sequence[str] | None = None,
     dynamic_axes: Mapping[str, Mapping[int, str]] | None = None,
     opset: int = DEFAULT_OPSET,
 ) -> Path:
@@ -84,13 +105,18 @@ def export_onnx(
 
     Uses the TorchScript exporter (``dynamo=False``), which exports T5, the MusicGen decoder with its
     KV cache and EnCodec with dynamic axes; the dynamo exporter fails on two of the three.
+    ``export_onnx(model, (x,), "model.onnx")`` works as ``torch.onnx.export`` does.
 
     Args:
-        module: called as ``module(*inputs.values())``; must return a tensor or a tuple of tensors
-            in ``output_names`` order.
-        inputs: example inputs by graph input name, in the order ``module.forward`` takes them.
+        module: called with the inputs in order; must return a tensor or a tuple of tensors (in
+            ``output_names`` order).
+        inputs: example inputs: ``{graph input name: tensor}`` in the order ``module.forward`` takes
+            them, or, in ``torch.onnx.export``'s convention, a tuple of tensors (or one tensor) named by
+            ``input_names``.
         path: destination ``.onnx`` file; written only if the export and ``onnx.checker`` succeed.
-        output_names: names of the graph outputs.
+        input_names: names of tuple inputs (default ``input_0``, ``input_1``, ...).
+        output_names: names of the graph outputs (default ``output_0``, ``output_1``, ..., counted on
+            one forward pass of ``inputs``).
         dynamic_axes: ``{tensor name: {axis: axis name}}`` for inputs and outputs. Two axes with the
             same name are asserted equal by the exporter: give independent lengths distinct names
             (e.g. self- and cross-attention cache lengths).
@@ -102,6 +128,10 @@ def export_onnx(
     _require_onnx()
     import onnx
 
+    inputs = _named_inputs(inputs, input_names)
+    if output_names is None:
+        with _eval_mode(module), torch.no_grad():
+            output_names = [f"output_{i}" for i in range(len(_as_tuple(module(*inputs.values()))))]
     dynamic_axes = dict(dynamic_axes or {})
     known = set(inputs) | set(output_names)
     for name in dynamic_axes:

@@ -138,7 +138,7 @@ def _install(stage: Path, out: Path, previous: list[str]) -> None:
 
 
 def export_bundle(model: Any, out: str | Path, *, plan: Any = "fp32", tokenizer: Any = None, atol: float = 1e-4,
-                  progress: bool = True) -> dict[str, Any]:
+                  progress: bool = True, desc: str = "export") -> dict[str, Any]:
     """Export ``model`` (a folder or hub id, or a loaded ``MusicgenForConditionalGeneration``) to ``out``.
 
     Args:
@@ -147,7 +147,7 @@ def export_bundle(model: Any, out: str | Path, *, plan: Any = "fp32", tokenizer:
         plan: ``"fp32"`` or a ``kdq.quant.Plan`` (read, never changed; every rule must name a module).
         tokenizer: the tokenizer to save with a loaded model (a folder brings its own).
         atol: parity tolerance against PyTorch for parts whose weights are all fp32.
-        progress: show a progress bar.
+        progress: show a progress bar (labelled ``desc``, with the current step).
 
     Returns the export report (also written to ``out/export_report.json``).
     """
@@ -166,17 +166,20 @@ def export_bundle(model: Any, out: str | Path, *, plan: Any = "fp32", tokenizer:
     stage = Path(tempfile.mkdtemp(prefix=f".{out.name}{STAGING}", dir=out.parent))
     (stage / "pid").write_text(str(os.getpid()))
     try:
-        bar = tqdm(total=4, desc="export", disable=not progress)
+        bar = tqdm(total=4, desc=desc, disable=not progress)
+        bar.set_postfix_str("export and validate graphs")
         work = stage / "_graphs"
         work.mkdir()
         graphs = {name: Path(v["path"]) for name, v in export_graphs(model_obj, work, atol=atol).items()}
         bar.update(1)
+        bar.set_postfix_str("apply the plan")
         plan_report, dtypes = None, {p: "fp32" for p in PARTS}
         if plan != "fp32":
             from musicgen.bundle.precision import apply_bundle_plan
 
             graphs, dtypes, plan_report = apply_bundle_plan(model_obj, graphs, plan, work)
         bar.update(1)
+        bar.set_postfix_str("merge the decoder")
         import onnx
 
         files = {part: stage / part_file(part, dtypes[part]) for part in PARTS}
@@ -187,6 +190,7 @@ def export_bundle(model: Any, out: str | Path, *, plan: Any = "fp32", tokenizer:
         for part in ("text_encoder", "encodec_decode"):
             shutil.copyfile(graphs[part], files[part])
         bar.update(1)
+        bar.set_postfix_str("parity of the shipped files")
         report: dict[str, Any] = {"kdq_bundle": 1, "source": source,
                                   "plan": plan_report["plan"] if plan_report else "fp32", "parts": {}}
         for part, path in files.items():
@@ -245,6 +249,7 @@ def export_stage(cfg: Any, model_dir: str, plans: dict[str, str], folder: Path, 
     import sys
 
     import numpy as np
+    from tqdm.auto import tqdm
 
     from kdq.quant import Plan
     from musicgen.bundle.runtime import MusicgenOnnx
@@ -252,10 +257,12 @@ def export_stage(cfg: Any, model_dir: str, plans: dict[str, str], folder: Path, 
 
     bundles = {}
     for label, plan in {"fp32": "fp32", "paper_plan": Plan.load(plans["paper"]), "kdq_plan": Plan.load(plans["kdq"])}.items():
-        report = export_bundle(model_dir, folder / label, plan=plan, progress=progress)
+        report = export_bundle(model_dir, folder / label, plan=plan, progress=progress, desc=f"export {label}")
         bundles[label] = {"path": str(folder / label), "bytes": report["bundle_bytes"],
                           "parts": {p: {k: v for k, v in e.items() if k in ("dtype", "bytes", "parity", "file")}
                                     for p, e in report["parts"].items()}}
+    bar = tqdm(total=1 + len(bundles), desc="parity and device runs", disable=not progress)
+    bar.set_postfix_str("generate: transformers and ONNX Runtime")
     model, tok = load_musicgen(model_dir), load_tokenizer(model_dir)
     prompt = "a slow chorale on organ"
     frames = max(int(cfg.device_seconds * 50), 8)
@@ -264,9 +271,11 @@ def export_stage(cfg: Any, model_dir: str, plans: dict[str, str], folder: Path, 
     audio = MusicgenOnnx(bundles["fp32"]["path"], threads=cfg.device_threads).generate(
         [prompt], max_new_tokens=frames + 3, guidance_scale=3.0)
     n = min(reference.shape[-1], audio.shape[-1])
+    bar.update(1)
     script = Path(__file__).resolve().parents[1] / "device_run.py"
     runs = {}
     for label, b in bundles.items():
+        bar.set_postfix_str(f"device run {label}")
         cmd = [sys.executable, str(script), "--bundle", b["path"], "--prompt", prompt, "--seconds", str(cfg.device_seconds),
                "--out", str(folder / f"{label}_device.wav"), "--threads", str(cfg.device_threads),
                *(["--ort-format"] if cfg.ort_format else [])]
@@ -275,6 +284,8 @@ def export_stage(cfg: Any, model_dir: str, plans: dict[str, str], folder: Path, 
             raise BundleError(f"the device run of the {label} bundle failed (exit {proc.returncode}): {proc.stderr[-800:]}")
         runs[label] = {**json.loads(proc.stdout.strip().splitlines()[-1]),
                        "command": " ".join(["python", "examples/musicgen/device_run.py", *cmd[2:]])}
+        bar.update(1)
+    bar.close()
     graph = [e["parity"] for e in bundles["fp32"]["parts"].values()]
     return {"bundles": bundles, "device_runs": runs, "parity_max_abs": float(np.abs(reference[..., :n] - audio[..., :n]).max()),
             "graph_parity_max_abs": max(_max_diff(p) for p in graph), "rtf": runs["fp32"]["rtf"],
