@@ -169,7 +169,7 @@ def model_from_config(folder: str | os.PathLike[str], *, device: str = "cpu", ar
     try:
         import transformers
     except ImportError:  # pragma: no cover - depends on the environment
-        raise ModelFolderError("building a model from config.json needs transformers: pip install 'kdq[musicgen]'") from None
+        raise ModelFolderError("building a model from config.json needs transformers: pip install 'kdq[transformers]'") from None
     try:
         data = json.loads(cfg_path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:

@@ -194,7 +194,7 @@ def _sf2_path() -> str:
 
     path = Path(pretty_midi.__file__).with_name("TimGM6mb.sf2")
     if not path.exists():
-        raise RenderError(f"SoundFont {path} missing: reinstall pretty_midi (pip install 'kdq[musicgen]')")
+        raise RenderError(f"SoundFont {path} missing: reinstall pretty_midi (pip install 'kdq[examples]')")
     return str(path)
 
 

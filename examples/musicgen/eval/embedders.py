@@ -180,7 +180,7 @@ class ClapEmbedder(AudioEmbedder):
         try:
             from transformers import ClapModel, ClapProcessor
         except ImportError as e:  # pragma: no cover - transformers is in the musicgen extra
-            raise EmbedderUnavailable("CLAP needs transformers: pip install 'kdq[musicgen]'") from e
+            raise EmbedderUnavailable("CLAP needs transformers: pip install 'kdq[transformers]'") from e
         try:
             model = ClapModel.from_pretrained(str(path_or_id), **kwargs)
             processor = ClapProcessor.from_pretrained(str(path_or_id), **kwargs)
