@@ -214,3 +214,23 @@ def test_retention_defined_once_both_directions():
         retention(1.0, 0.0, higher_is_better=False)
     with pytest.raises(ScoreError, match="baseline=-0.1"):
         retention(-0.1, 0.2, higher_is_better=True)
+
+
+def test_bootstrap_resamples_clips_when_given_per_clip_frames():
+    """Frames of one clip are correlated: resampling frames understates the spread of a clip-level FAD."""
+    rng = np.random.default_rng(3)
+
+    def clips(n, shift):  # each clip: 40 frames around its own random centre
+        return [rng.normal(size=(1, 3)) * 2 + shift + 0.1 * rng.normal(size=(40, 3)) for _ in range(n)]
+
+    a, b = clips(30, 0.0), clips(30, 4.0)
+    by_clip = frechet_bootstrap(a, b, n_boot=100, seed=0)
+    by_frame = frechet_bootstrap(np.concatenate(a), np.concatenate(b), n_boot=100, seed=0)
+    assert by_clip.value == pytest.approx(by_frame.value) and (by_clip.n_a, by_clip.n_b) == (1200, 1200)
+    assert by_clip.high - by_clip.low > 2 * (by_frame.high - by_frame.low)
+    # one row per clip is the same as an array of rows (same draws, same replicates)
+    rows = np.concatenate([c[:1] for c in a]), np.concatenate([c[:1] for c in b])
+    assert frechet_bootstrap([r[None] for r in rows[0]], [r[None] for r in rows[1]], n_boot=20, seed=4) == \
+        frechet_bootstrap(*rows, n_boot=20, seed=4)
+    with pytest.raises(FrechetError, match="one embedding width"):
+        frechet_bootstrap([np.ones((2, 3)), np.ones((2, 4))], b, n_boot=20)

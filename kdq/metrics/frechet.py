@@ -221,8 +221,8 @@ class FrechetEstimate:
 
 
 def frechet_bootstrap(
-    embeddings_a: np.ndarray,
-    embeddings_b: np.ndarray,
+    embeddings_a: np.ndarray | list[np.ndarray],
+    embeddings_b: np.ndarray | list[np.ndarray],
     *,
     n_boot: int = 200,
     level: float = 0.95,
@@ -231,16 +231,18 @@ def frechet_bootstrap(
 ) -> FrechetEstimate:
     """``frechet_distance`` with a bootstrap interval and bias estimate (see ``FrechetEstimate``).
 
-    Each replicate resamples the rows of both sets with replacement (independently, keeping N and
-    M) and recomputes the distance. Replicates sit above the full-set value by about the estimate's
-    own small-sample bias, so the plain percentile interval would miss the large-sample distance
-    almost always; the basic interval reflects the replicates around ``value`` instead (in
-    tests/test_metrics.py it covers a known distance at about its nominal rate). Compare systems at
-    equal N.
+    Each replicate resamples the units of both sets with replacement (independently, keeping their
+    numbers) and recomputes the distance. A unit is a row of an array, or a clip of a per-clip list
+    of arrays ``[rows_i, D]`` whose rows stay together: the frames of one clip are correlated, so
+    resampling frames would understate the spread (the interval would be too narrow). Replicates sit
+    above the full-set value by about the estimate's own small-sample bias, so the plain percentile
+    interval would miss the large-sample distance almost always; the basic interval reflects the
+    replicates around ``value`` instead (in tests/test_metrics.py it covers a known distance at about
+    its nominal rate). Compare systems at equal N.
 
     Args:
-        embeddings_a: [N, D].
-        embeddings_b: [M, D].
+        embeddings_a: [N, D], or a list of per-clip [rows_i, D] arrays.
+        embeddings_b: [M, D], or a list of per-clip arrays.
         n_boot: number of bootstrap replicates (>= 10).
         level: central interval mass in (0, 1).
         seed: for the resampling generator.
@@ -250,16 +252,30 @@ def frechet_bootstrap(
         raise bad_value(FrechetError, "n_boot", n_boot, "an int >= 10", "use 200 or more for a stable interval")
     if not 0.0 < level < 1.0:
         raise bad_value(FrechetError, "level", level, "a float in (0, 1)", "e.g. 0.95")
-    a = _as_embeddings(embeddings_a, "embeddings_a")
-    b = _as_embeddings(embeddings_b, "embeddings_b")
+    units_a, units_b = _units(embeddings_a, "embeddings_a"), _units(embeddings_b, "embeddings_b")
+    a, b = np.concatenate(units_a), np.concatenate(units_b)
     value = frechet_distance(a, b, eps=eps)
     rng = np.random.default_rng(seed)
     reps = np.empty(n_boot)
     for i in range(n_boot):
-        ia = rng.integers(0, len(a), len(a))
-        ib = rng.integers(0, len(b), len(b))
-        reps[i] = frechet_distance(a[ia], b[ib], eps=eps)
+        ia = rng.integers(0, len(units_a), len(units_a))
+        ib = rng.integers(0, len(units_b), len(units_b))
+        reps[i] = frechet_distance(np.concatenate([units_a[j] for j in ia]), np.concatenate([units_b[j] for j in ib]), eps=eps)
     tail = (1.0 - level) / 2 * 100
     q_lo, q_hi = np.percentile(reps, [tail, 100 - tail])
     low, high = max(2 * value - q_hi, 0.0), max(2 * value - q_lo, 0.0)
     return FrechetEstimate(value, float(low), float(high), float(reps.mean() - value), level, len(a), len(b), n_boot)
+
+
+def _units(x: object, arg: str) -> list[np.ndarray]:
+    """Resampling units: the rows of an array (each [1, D]), or the clips of a per-clip list."""
+    if isinstance(x, (list, tuple)):
+        if not x:
+            raise bad_value(FrechetError, arg, "[]", "at least one clip")
+        units = [np.asarray(u, dtype=np.float64).reshape(-1, np.shape(u)[-1]) for u in x]
+        if len({u.shape[1] for u in units}) != 1:
+            raise bad_value(FrechetError, arg, sorted({u.shape[1] for u in units}), "clips with one embedding width")
+        _as_embeddings(np.concatenate(units), arg)  # the same checks as for an array of rows
+        return units
+    rows = _as_embeddings(x, arg)
+    return list(rows[:, None, :])
