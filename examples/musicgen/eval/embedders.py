@@ -182,7 +182,7 @@ class ClapEmbedder(AudioEmbedder):
         except ImportError as e:  # pragma: no cover - transformers is in the musicgen extra
             raise EmbedderUnavailable("CLAP needs transformers: pip install 'kdq[transformers]'") from e
         try:
-            model = ClapModel.from_pretrained(str(path_or_id), **kwargs)
+            model = ClapModel.from_pretrained(str(path_or_id), use_safetensors=True, **kwargs)
             processor = ClapProcessor.from_pretrained(str(path_or_id), **kwargs)
         except (OSError, ValueError) as e:
             raise EmbedderUnavailable(
@@ -391,9 +391,9 @@ class EncodecEmbedder(AudioEmbedder):
         except OSError as e:
             raise EmbedderUnavailable(f"path={str(path)!r}: no config.json of an EnCodec or MusicGen model ({e})") from e
         if kind == "encodec":
-            return cls(EncodecModel.from_pretrained(str(path)))
+            return cls(EncodecModel.from_pretrained(str(path), use_safetensors=True))
         if kind == "musicgen":
-            return cls(MusicgenForConditionalGeneration.from_pretrained(str(path)).audio_encoder)
+            return cls(MusicgenForConditionalGeneration.from_pretrained(str(path), use_safetensors=True).audio_encoder)
         raise bad_value(EmbedderError, "path", str(path), f"an encodec or musicgen folder (got model_type {kind!r})")
 
     @torch.no_grad()
