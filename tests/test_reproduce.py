@@ -356,7 +356,7 @@ def _finite_numbers(obj, where=""):
 
 
 STAGES = ("render", "codec", "text", "tokens", "teacher", "student_base", "distill_ce", "distill_kd", "plan", "export",
-          "clap_mini", "evaluate")
+          "clap_mini", "instrument", "evaluate")
 
 
 @pytest.mark.slow

@@ -390,14 +390,58 @@ def _ablation(results: dict) -> str:
         ret = v.get("retention") or {}
         ret_s = ", ".join(f"{k} {_pct(x)}" for k, x in ret.items() if isinstance(x, (int, float))) or "n/a"
         extra = f' <span class="skip">({html.escape(str(v["skipped"]))})</span>' if v.get("skipped") else ""
+        fad_ci = v.get(f"fad_{v.get('fad_embedder')}_ci")
+        clap_ci = v.get(f"clap_score_{v.get('clap_embedder')}_ci")
         rows.append([f"<code>{name}</code>", html.escape(VARIANTS.get(name, "")) + extra, _mb(v.get("bytes")), size,
-                     _fmt(v.get("fad")), _fmt(v.get("clap")), _fmt(v.get("nll")), _fmt(v.get("nll_cb0")),
-                     _fmt(v.get("kl_teacher"), 4), ret_s])
+                     _with_ci(v.get("fad"), fad_ci), _with_ci(v.get("clap"), clap_ci),
+                     _with_ci(v.get("key_accuracy"), v.get("key_accuracy_ci")),
+                     _with_ci(v.get("instrument_accuracy"), v.get("instrument_accuracy_ci")),
+                     _fmt(v.get("nll")), _fmt(v.get("nll_cb0")), _fmt(v.get("kl_teacher"), 4), ret_s])
     note = html.escape(results.get("ablation_note", ""))
+    ceil = results.get("ceilings") or {}
+    ceil_s = "; ".join(f"{k.replace('_', ' ')} of the real test clips {_fmt(ceil[k])} (chance {_fmt(ceil.get(k + '_chance'))})"
+                       for k in ("key_accuracy", "instrument_accuracy") if k in ceil)
     return ('<section id="ablation"><h2>Ablation</h2>'
-            + _table(["variant", "what", "bytes", "smaller than student fp32", "FAD", "CLAP", "held-out NLL (nats/token)",
-                      "NLL codebook 1", "KL to teacher", "retention"], rows, "ablation")
+            + _table(["variant", "what", "bytes", "smaller than student fp32", "FAD [95% interval]", "CLAP",
+                      "key accuracy", "instrument accuracy", "held-out NLL (nats/token)", "NLL codebook 1",
+                      "KL to teacher", "retention"], rows, "ablation")
+            + (f"<p class='note'>Ceilings: {html.escape(ceil_s)}.</p>" if ceil_s else "")
+            + _comparisons(results)
             + (f"<p>{note}</p>" if note else "") + "</section>")
+
+
+def _with_ci(value: Any, ci: Any) -> str:
+    """``value [low, high]`` (a bootstrap interval) or the value alone."""
+    if not isinstance(value, (int, float)) or not ci:
+        return _fmt(value)
+    return f"{_fmt(value)} <small>[{_fmt(ci[0])}, {_fmt(ci[1])}]</small>"
+
+
+#: the paired comparisons' metrics shown in the report, in order (label, key in the comparison)
+COMPARISON_METRICS = (("FAD mel-chroma", "fad_mel-chroma"), ("KAD mel-chroma", "kad_mel-chroma"), ("NLL", "nll"),
+                      ("key acc.", "key_accuracy"), ("instrument acc.", "instrument_accuracy"),
+                      ("CLAP proxy", "clap_clap-mini-proxy"))
+
+
+def _comparisons(results: dict) -> str:
+    """The ablation's questions as paired bootstrap intervals of A - B (grey: within noise)."""
+    comps = results.get("comparisons") or {}
+    if not comps:
+        return ""
+    shown = [(label, key) for label, key in COMPARISON_METRICS if any(key in c for c in comps.values())]
+    rows = []
+    for name, c in comps.items():
+        cells = []
+        for _, key in shown:
+            est = c.get(key)
+            if not est:
+                cells.append("")
+                continue
+            text = f"{est['estimate']:+.3g} <small>[{est['low']:.3g}, {est['high']:.3g}]</small>"
+            cells.append(f'<span class="skip">{text} within noise</span>' if est["within_noise"] else text)
+        rows.append([f"<code>{html.escape(name)}</code><br><small>{html.escape(c.get('question', ''))}</small>", *cells])
+    return ("<h3>Paired comparisons (A - B, 95% bootstrap interval over prompts)</h3>"
+            + _table(["A - B", *[label for label, _ in shown]], rows, "comparisons"))
 
 
 def _figures(results: dict, root: Path) -> str:

@@ -28,7 +28,8 @@ redone with what depends on it by ``--force STAGE``. A failing stage stops the r
    and kdq's plan at no more bytes, both measured.
 4. **export** (``bundle/``): ONNX bundles of ``student_kd`` (fp32, paper plan, kdq plan), parity
    with PyTorch, and a device run of each.
-5. **clap_mini** (the offline CLAP proxy, trained on the train split), then **evaluate**
+5. **clap_mini** (the offline CLAP proxy) and **instrument** (the classifier of instrument accuracy),
+   both trained on the train split, then **evaluate**
    (``eval/ablation.py``): the seven variants generated from and measured the same way.
 6. ``OUT/results.json`` and ``OUT/report.html``.
 """
@@ -61,7 +62,7 @@ from musicgen.pipeline import Context, Pipeline
 SPLITS = ("train", "valid", "test")
 #: every stage name a run can have (``--force`` takes these)
 STAGES = ("hub", "render", "codec", "text", "data", "tokens", "teacher", "student_base", "distill_ce", "distill_kd",
-          "plan", "export", "clap_mini", "evaluate")
+          "plan", "export", "clap_mini", "instrument", "evaluate")
 
 
 class ArgumentError(KdqError):
@@ -144,19 +145,42 @@ def clap_mini_stage(p: Preset, data: dict, ctx: Context) -> dict:
     return {"folder": str(ctx.folder / "model"), "retrieval": emb.info.get("retrieval")}
 
 
-def evaluate_stage(p: Preset, specs: dict, data: dict, tokens: dict, ctx: Context) -> dict:
-    """Prompts, reference clips and embedders for ``eval.ablation.evaluate_variants``."""
+def instrument_stage(p: Preset, data: dict, tokens: dict, ctx: Context) -> dict:
+    """The instrument classifier that instrument accuracy is measured with, trained on the train split."""
     from musicgen.data.audiofolder import load_audio, read_split
-    from musicgen.eval.ablation import evaluate_variants
+    from musicgen.eval.instrument import instrument_from_caption, train_instrument_classifier
+    from musicgen.data.render import INSTRUMENTS
+
+    names = [n for _, n in INSTRUMENTS]
+    clips = [(c, instrument_from_caption(c.text, names)) for c in read_split(data["root"], "train")]
+    clips = [(c, n) for c, n in clips if n is not None]
+    if len({n for _, n in clips}) < 2:
+        return {"folder": None, "why": "the train captions name fewer than two instruments"}
+    sr = tokens["sample_rate"]
+    clf = train_instrument_classifier([load_audio(c.path, sr) for c, _ in clips], [n for _, n in clips], sr, classes=names)
+    clf.save(ctx.folder / "model")
+    return {"folder": str(ctx.folder / "model"), **clf.info}
+
+
+def evaluate_stage(p: Preset, specs: dict, data: dict, tokens: dict, ctx: Context) -> dict:
+    """Prompts (every test caption unless the preset caps them), the real test clips and the judges
+    for ``eval.ablation.evaluate_variants``."""
+    from musicgen.data.audiofolder import load_audio, read_split
+    from musicgen.eval.ablation import Judges, evaluate_variants
+    from musicgen.eval.instrument import InstrumentClassifier
     from musicgen.eval.metrics import label, offline_embedders
+    from musicgen.eval.music import MelChromaEmbedder
 
     cfg = p.eval
     clips = read_split(data["root"], "test", text_column=getattr(p.data, "text_column", "text"))[: cfg.max_eval_clips]
     prompts = [c.text for c in clips] if not cfg.prompts else (list(dict.fromkeys(c.text for c in clips)) * cfg.prompts)[: cfg.prompts]
     sr = tokens["sample_rate"]
     embedders, missing = offline_embedders(codec=specs["teacher"][0], clap_mini=ctx.inputs["clap_mini"]["folder"], clap=cfg.clap)
-    result = evaluate_variants(specs, prompts=prompts, reference=[load_audio(c.path, sr) for c in clips],
-                               test_tokens=tokens["paths"]["test"], embedders=embedders, cfg=cfg,
+    embedders = [MelChromaEmbedder(), *embedders]
+    folder = ctx.inputs["instrument"]["folder"]
+    judges = Judges(embedders, [load_audio(c.path, sr) for c in clips], [c.text for c in clips], sr,
+                    InstrumentClassifier.load(folder) if folder else None, n_boot=cfg.bootstrap, seed=p.seed)
+    result = evaluate_variants(specs, prompts=prompts, judges=judges, test_tokens=tokens["paths"]["test"], cfg=cfg,
                                folder=ctx.folder, root=ctx.folder.parent, seed=p.seed, progress=ctx.progress)
     return {**result, "embedders": {e.key: label(e) for e in embedders},
             "embedders_missing": {k: v for k, v in missing.items() if v != "not requested"}}
@@ -197,9 +221,10 @@ def run(p: Preset, out: str | Path, *, from_scratch: bool = False, force: set[st
                       inputs=("distill_kd", "plan")) if p.export.enabled else None
     pipe.run("clap_mini", {"steps": p.eval.clap_mini_steps, "seed": p.seed},
              lambda c: clap_mini_stage(p, md["data"], c), inputs=("tokens",))
+    pipe.run("instrument", {"seed": p.seed}, lambda c: instrument_stage(p, md["data"], md["tokens"], c), inputs=("tokens",))
     specs = variant_specs(models, plans)
     evaluation = pipe.run("evaluate", p.eval, lambda c: evaluate_stage(p, specs, md["data"], md["tokens"], c),
-                          inputs=("tokens", *made, "clap_mini", "distill_ce", "distill_kd", "plan"))
+                          inputs=("tokens", *made, "clap_mini", "instrument", "distill_ce", "distill_kd", "plan"))
 
     results = {
         "preset": p.name,
@@ -213,6 +238,8 @@ def run(p: Preset, out: str | Path, *, from_scratch: bool = False, force: set[st
         "embedders": evaluation["embedders"],
         "embedders_missing": evaluation["embedders_missing"],
         "headline": evaluation["headline"],
+        "comparisons": evaluation["comparisons"],
+        "ceilings": evaluation["ceilings"],
         "ort": _ort_summary(export),
         "planner": {k: v for k, v in plan.items() if k not in ("paper_plan_file", "kdq_plan_file")},
         "training": {"student_ce": str(Path(pipe.results["distill_ce"]["curve"]).relative_to(out)),
@@ -224,7 +251,7 @@ def run(p: Preset, out: str | Path, *, from_scratch: bool = False, force: set[st
         "versions": versions(),
         "config": p.to_dict(),
     }
-    results["ablation_note"] = ablation_note(results["variants"])
+    results["ablation_note"] = ablation_note(results["variants"], results["comparisons"])
     write_json(out / "results.json", results)
     write_report(out / "results.json")
     return results

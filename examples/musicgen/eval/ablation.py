@@ -6,11 +6,21 @@ Variants: ``teacher``, ``student_base`` (pretrained), ``student_ce`` (the cross-
 ``student_kd_kdq_plan`` (KD + kdq's plan at no more bytes). A planned variant is ``apply_plan`` on a
 fresh copy, so its bytes are real storage.
 
-For each: bytes; teacher-forced held-out NLL and KL to the teacher on the test codes
-(``eval.heldout``); clips generated for the held-out prompts with the same seeds (``eval.generate``);
-FAD against the test clips and CLAP score per embedder (``eval.metrics``); retention against
-``student_base`` (docs/metrics.md). ``headline`` compares TinyMusician's variant with
-``student_base`` as the paper does; ``ablation_note`` states which expected orderings held.
+For each variant, on the same prompts (every test caption) with the same seeds:
+
+- bytes; teacher-forced held-out NLL and KL to the teacher on the test codes (``eval.heldout``);
+- for each embedder (model-free ``mel-chroma``, the codec's latents, the ``clap-mini`` proxy...): FAD
+  and KAD against the test clips, each with a bootstrap interval over clips;
+- CLAP score (the proxy's mean text-audio cosine), key accuracy (``eval.music``: the key estimated
+  from the clip's chroma against the key its caption names; ceiling: the real test clips' own
+  accuracy, chance 1/24), instrument accuracy (``eval.instrument``: a classifier trained on the
+  train split; ceiling: its accuracy on the real test clips, chance 1/12), each with an interval.
+
+Then every comparison of the ablation note (``COMPARISONS``: teacher against student_base, KD
+against CE, kdq's plan against the paper's, each plan against its fp32 model) as a paired bootstrap
+interval of the difference (``kdq.metrics.paired_bootstrap``): the same prompts resampled for both
+variants; "within noise" where the interval covers 0. ``headline`` compares TinyMusician's variant
+with ``student_base`` as the paper does.
 """
 
 from __future__ import annotations
@@ -22,6 +32,21 @@ import numpy as np
 
 VARIANT_NAMES = ("teacher", "student_base", "student_ce", "student_kd", "student_base_paper_plan",
                  "student_kd_paper_plan", "student_kd_kdq_plan")
+
+#: (a, b, what the comparison asks) for the paired intervals and the note.
+COMPARISONS = (
+    ("teacher", "student_base", "the teacher knows more than the student it teaches"),
+    ("student_kd", "student_ce", "distillation against fine-tuning on the data alone"),
+    ("student_kd_kdq_plan", "student_kd_paper_plan", "kdq's plan against the paper's at no more bytes"),
+    ("student_kd_paper_plan", "student_kd", "the paper's plan against fp32"),
+    ("student_kd_kdq_plan", "student_kd", "kdq's plan against fp32"),
+    ("student_base_paper_plan", "student_base", "quantization alone"),
+)
+#: metric -> True when lower is better.
+LOWER_IS_BETTER = {"fad": True, "kad": True, "nll": True, "kl_teacher": True, "clap": False, "key_accuracy": False,
+                   "instrument_accuracy": False}
+#: the headline FAD's embedder, in order of preference (a model-free or published embedder first).
+FAD_ORDER = ("vggish", "mel-chroma", "clap", "encodec", "clap-mini-proxy")
 
 
 def variant_specs(models: dict[str, str], plans: dict[str, str]) -> dict[str, tuple[str, str | None]]:
@@ -43,31 +68,97 @@ def materialise(spec: tuple[str, str | None]):
     return apply_plan(model, Plan.load(spec[1])) if spec[1] else model
 
 
-def score_row(embedders, audio: list[np.ndarray], prompts: list[str], reference: list[np.ndarray], sr: int,
-              ref_cache: dict) -> dict:
-    """FAD (against the test clips) and CLAP score per embedder; reference embeddings computed once."""
-    from kdq.metrics import frechet_distance
-    from musicgen.eval.metrics import clap_score_with
+def _interval(est) -> list[float]:
+    return [float(est.low), float(est.high)]
 
-    row: dict[str, Any] = {}
-    for e in embedders:
-        key = f"fad_{e.key}"
-        if e.key not in ref_cache:
-            ref_cache[e.key] = e.fad_embeddings(reference, sr)
-        gen = e.fad_embeddings(audio, sr)
-        row[key] = frechet_distance(gen, ref_cache[e.key])
-        row[f"rows_{key}"] = [len(gen), len(ref_cache[e.key])]
-        if e.has_text:
-            row.update(clap_score_with(e, prompts, audio, sample_rate=sr))
-    # frame-level embedders first: a few dozen clips give thousands of frames, a clip-level FAD on so few
-    # rows is mostly estimator bias
-    fad_keys = [k for k in ("fad_vggish", "fad_encodec", "fad_clap", "fad_clap-mini-proxy") if row.get(k) is not None]
-    clap_keys = [k for k in ("clap_score_clap", "clap_score_clap-mini-proxy") if row.get(k) is not None]
-    row["fad"] = row[fad_keys[0]] if fad_keys else None
-    row["fad_embedder"] = fad_keys[0].removeprefix("fad_") if fad_keys else None
-    row["clap"] = row[clap_keys[0]] if clap_keys else None
-    row["clap_embedder"] = clap_keys[0].removeprefix("clap_score_") if clap_keys else None
-    return row
+
+def _mean_interval(values: np.ndarray, n_boot: int, seed: int) -> list[float]:
+    """Percentile bootstrap interval of the mean of per-item values (NaN items left out)."""
+    v = np.asarray(values, dtype=np.float64)
+    v = v[np.isfinite(v)]
+    rng = np.random.default_rng(seed)
+    reps = [v[rng.integers(0, len(v), len(v))].mean() for _ in range(n_boot)]
+    return [float(q) for q in np.percentile(reps, [2.5, 97.5])]
+
+
+class Judges:
+    """Everything a variant's clips are measured with, prepared once: embedders with their reference
+    units, the key estimator and the instrument classifier, and the real test clips' own scores
+    (the ceilings)."""
+
+    def __init__(self, embedders: list, reference: list[np.ndarray], captions: list[str], sample_rate: int,
+                 instrument, *, n_boot: int, seed: int):
+        from musicgen.eval.instrument import instrument_accuracy
+        from musicgen.eval.music import key_accuracy, key_from_caption
+
+        self.embedders, self.sr, self.instrument, self.n_boot, self.seed = embedders, sample_rate, instrument, n_boot, seed
+        self.reference = {e.key: e.units(reference, sample_rate) for e in embedders}
+        self.ceilings: dict[str, Any] = {"reference_clips": len(reference)}
+        self.keys = any(key_from_caption(c) for c in captions)  # a user's captions may name no key
+        if self.keys:
+            real_key = key_accuracy(reference, captions, sample_rate)
+            self.ceilings.update({"key_accuracy": real_key.accuracy, "key_accuracy_chance": real_key.chance})
+        if instrument is not None:  # None: the captions name fewer than two instruments (instrument stage)
+            real_inst = instrument_accuracy(reference, captions, sample_rate, classifier=instrument)
+            self.ceilings.update({"instrument_accuracy": real_inst.accuracy, "instrument_accuracy_chance": real_inst.chance})
+
+    def score(self, audio: list[np.ndarray], prompts: list[str]) -> tuple[dict, dict]:
+        """(the row's figures, the per-item values the comparisons resample)."""
+        from kdq.metrics import frechet_bootstrap, kad_bootstrap
+        from musicgen.eval.instrument import instrument_accuracy
+        from musicgen.eval.music import key_accuracy
+
+        row: dict[str, Any] = {}
+        items: dict[str, Any] = {"units": {}}
+        for e in self.embedders:
+            units = e.units(audio, self.sr)
+            items["units"][e.key] = units
+            fad = frechet_bootstrap(units, self.reference[e.key], n_boot=self.n_boot, seed=self.seed)
+            kad = kad_bootstrap(units, self.reference[e.key], n_boot=self.n_boot, seed=self.seed)
+            row.update({f"fad_{e.key}": fad.value, f"fad_{e.key}_ci": _interval(fad),
+                        f"kad_{e.key}": kad.value, f"kad_{e.key}_ci": _interval(kad)})
+            if e.has_text:
+                t, a = e.embed_text(prompts), e.embed(audio, self.sr)
+                cos = (t * a).sum(1) / (np.linalg.norm(t, axis=1) * np.linalg.norm(a, axis=1))
+                items[f"clap_{e.key}"] = cos
+                row[f"clap_score_{e.key}"] = float(cos.mean())
+                row[f"clap_score_{e.key}_ci"] = _mean_interval(cos, self.n_boot, self.seed)
+        if self.keys:
+            key = key_accuracy(audio, prompts, self.sr)
+            items["key_accuracy"] = np.array(key.per_item)
+            row.update({"key_accuracy": key.accuracy,
+                        "key_accuracy_ci": _mean_interval(items["key_accuracy"], self.n_boot, self.seed)})
+        if self.instrument is not None:
+            inst = instrument_accuracy(audio, prompts, self.sr, classifier=self.instrument)
+            items["instrument_accuracy"] = np.array(inst.per_item)
+            row.update({"instrument_accuracy": inst.accuracy,
+                        "instrument_accuracy_ci": _mean_interval(items["instrument_accuracy"], self.n_boot, self.seed)})
+        fad_keys = [f"fad_{k}" for k in FAD_ORDER if f"fad_{k}" in row]
+        clap_keys = [k for k in ("clap_score_clap", "clap_score_clap-mini-proxy") if k in row]
+        row["fad"] = row[fad_keys[0]] if fad_keys else None
+        row["fad_embedder"] = fad_keys[0].removeprefix("fad_") if fad_keys else None
+        row["clap"] = row[clap_keys[0]] if clap_keys else None
+        row["clap_embedder"] = clap_keys[0].removeprefix("clap_score_") if clap_keys else None
+        return row, items
+
+    def compare(self, a: dict, b: dict) -> dict[str, dict]:
+        """Paired intervals of ``metric(A) - metric(B)`` for every metric both item sets carry."""
+        from kdq.metrics import frechet_distance, paired_bootstrap, paired_kad_bootstrap
+
+        kw = {"n_boot": self.n_boot, "seed": self.seed}
+        out = {}
+        for key, ref in self.reference.items():
+            out[f"fad_{key}"] = paired_bootstrap(frechet_distance, a["units"][key], b["units"][key], ref, **kw).to_dict()
+            out[f"kad_{key}"] = paired_kad_bootstrap(a["units"][key], b["units"][key], ref, **kw).to_dict()
+
+        def mean(x, _):
+            return float(np.nanmean(x))
+
+        for name in [k for k in a if k != "units"]:
+            va, vb = np.asarray(a[name], dtype=np.float64), np.asarray(b[name], dtype=np.float64)
+            keep = np.isfinite(va) & np.isfinite(vb)
+            out[name] = paired_bootstrap(mean, va[keep], vb[keep], **kw).to_dict()
+        return out
 
 
 def retention(base: dict, row: dict) -> dict:
@@ -98,10 +189,10 @@ def headline(results: dict) -> dict:
                                     "(base FAD / kdq FAD), against student_base in fp32 (docs/metrics.md)"}
 
 
-def evaluate_variants(specs: dict, *, prompts: list[str], reference: list[np.ndarray], test_tokens: str,
-                      embedders: list, cfg: Any, folder: Path, root: Path, seed: int, progress: bool = True) -> dict:
-    """Every variant's row (see the module docstring); samples in ``folder/samples/<variant>/``, their
-    paths in the rows relative to ``root`` (the run's folder)."""
+def evaluate_variants(specs: dict, *, prompts: list[str], judges: Judges, test_tokens: str, cfg: Any, folder: Path,
+                      root: Path, seed: int, progress: bool = True) -> dict:
+    """Every variant's row and the paired comparisons (see the module docstring); samples in
+    ``folder/samples/<variant>/``, their paths in the rows relative to ``root`` (the run's folder)."""
     from tqdm.auto import tqdm
 
     from kdq.quant import model_bytes
@@ -115,37 +206,51 @@ def evaluate_variants(specs: dict, *, prompts: list[str], reference: list[np.nda
     tok = load_tokenizer(specs["teacher"][0])
     sr = teacher.config.audio_encoder.sampling_rate
     results: dict[str, dict] = {}
-    ref_cache: dict[str, np.ndarray] = {}
+    items: dict[str, dict] = {}
     for name in tqdm(VARIANT_NAMES, desc="evaluate", disable=not progress):
         model = materialise(specs[name])
         row: dict[str, Any] = {"bytes": int(model_bytes(model))}
         figures = heldout(model, tok, test, teacher=None if name == "teacher" else teacher)
         row.update({k: figures[k] for k in ("nll", "nll_cb0", "kl_teacher")})
         audio = generate(model, tok, prompts, seconds=cfg.seconds, seed=seed, guidance_scale=cfg.guidance_scale,
-                         top_k=cfg.top_k, batch=cfg.batch, desc=name)
+                         top_k=cfg.top_k, batch=cfg.batch, progress=progress, desc=name)
         row["samples"] = [str(p.relative_to(root)) for p in save_clips(folder / "samples" / name, audio, sr)]
-        row.update(score_row(embedders, audio, prompts, reference, sr, ref_cache))
+        scores, items[name] = judges.score(audio, prompts)
+        items[name].update({"nll": np.array(figures["nll_items"]), "kl_teacher": np.array(figures["kl_items"])})
+        row.update(scores)
         results[name] = row
+        del model
     for name, row in results.items():
         if name != "student_base":
             row["retention"] = retention(results["student_base"], row)
-    return {"variants": results, "prompts": prompts, "headline": headline(results), "sample_rate": sr}
+    comparisons = {f"{a} - {b}": {"a": a, "b": b, "question": q, **judges.compare(items[a], items[b])}
+                   for a, b, q in tqdm(COMPARISONS, desc="compare", disable=not progress)}
+    return {"variants": results, "comparisons": comparisons, "ceilings": judges.ceilings, "prompts": prompts,
+            "headline": headline(results), "sample_rate": sr}
 
 
-def ablation_note(variants: dict) -> str:
-    """Which of the expected orderings held in this run, stated from the numbers."""
+def _kind(metric: str) -> str:
+    """``fad_mel-chroma`` -> ``fad``; ``clap_clap-mini-proxy`` -> ``clap``; others as they are."""
+    head = metric.split("_", 1)[0]
+    return head if head in ("fad", "kad", "clap") else metric
+
+
+def ablation_note(variants: dict, comparisons: dict | None = None) -> str:
+    """Which of the expected orderings held in this run, stated from the numbers and their intervals."""
     notes = []
-
-    def cmp(a: str, b: str, key: str, what: str) -> None:
-        x, y = variants[a].get(key), variants[b].get(key)
-        if x is not None and y is not None:
-            notes.append(f"{a} {'beats' if x < y else 'does NOT beat'} {b} on {what} ({x:.4g} vs {y:.4g}).")
-
-    cmp("teacher", "student_base", "fad", "FAD")
-    cmp("teacher", "student_base", "nll", "held-out NLL")
-    cmp("student_kd", "student_ce", "kl_teacher", "KL to the teacher")
-    cmp("student_kd", "student_ce", "nll", "held-out NLL")
+    for key, c in (comparisons or {}).items():
+        a, b = c["a"], c["b"]
+        parts = []
+        for metric in ("fad_mel-chroma", "kad_mel-chroma", "nll", "kl_teacher", "key_accuracy", "instrument_accuracy",
+                       "clap_clap-mini-proxy"):
+            est = c.get(metric)
+            if not est or (metric == "kl_teacher" and "teacher" in (a, b)):
+                continue
+            better = (est["estimate"] < 0) == LOWER_IS_BETTER[_kind(metric)]
+            verdict = "within noise" if est["within_noise"] else (f"{a} better" if better else f"{b} better")
+            parts.append(f"{metric} {est['estimate']:+.3g} [{est['low']:.3g}, {est['high']:.3g}] ({verdict})")
+        if parts:
+            notes.append(f"{key} ({c['question']}): " + "; ".join(parts) + ".")
     a, b = variants["student_kd_kdq_plan"], variants["student_kd_paper_plan"]
-    notes.append(f"kdq plan {a['bytes']:,} B vs paper plan {b['bytes']:,} B; KL to teacher "
-                 f"{a['kl_teacher']:.4g} vs {b['kl_teacher']:.4g}.")
+    notes.append(f"Bytes: kdq plan {a['bytes']:,} B against paper plan {b['bytes']:,} B.")
     return " ".join(notes)

@@ -132,9 +132,14 @@ class AudioEmbedder:
         """One embedding per clip, float32 [N, D]."""
         return np.asarray(self._embed_clips(self._prepare(audio_batch, sample_rate)), dtype=np.float32)
 
+    def units(self, audio_batch: AudioBatch, sample_rate: int) -> list[np.ndarray]:
+        """Per clip, the rows FAD and KAD are computed on, each [rows_i, D]: one row per clip here; a
+        frame-level embedder returns every frame (its ``embed_frames``). Bootstraps resample clips."""
+        return [row[None] for row in self.embed(audio_batch, sample_rate)]
+
     def fad_embeddings(self, audio_batch: AudioBatch, sample_rate: int) -> np.ndarray:
-        """The rows FAD's Gaussian is fitted on, [M, D] (one per clip unless the embedder says otherwise)."""
-        return self.embed(audio_batch, sample_rate)
+        """The rows FAD's Gaussian is fitted on, [M, D]: every clip's ``units`` stacked."""
+        return np.concatenate(self.units(audio_batch, sample_rate))
 
     def embed_text(self, texts: Sequence[str]) -> np.ndarray:
         """Text embeddings [N, D] in the audio embedding space (joint text-audio models only)."""
@@ -358,9 +363,9 @@ class VGGishEmbedder(AudioEmbedder):
     def _embed_clips(self, clips: list[np.ndarray]) -> np.ndarray:
         return np.stack([f.mean(axis=0) for f in self.embed_frames(clips, self.sample_rate)])
 
-    def fad_embeddings(self, audio_batch: AudioBatch, sample_rate: int) -> np.ndarray:
-        """All patches of all clips, [sum of patches, 128]."""
-        return np.concatenate(self.embed_frames(audio_batch, sample_rate))
+    def units(self, audio_batch: AudioBatch, sample_rate: int) -> list[np.ndarray]:
+        """Every patch of every clip (FAD's convention for VGGish)."""
+        return self.embed_frames(audio_batch, sample_rate)
 
 
 # ------------------------------------------------------------------------------------- codec latents
@@ -408,9 +413,9 @@ class EncodecEmbedder(AudioEmbedder):
     def _embed_clips(self, clips: list[np.ndarray]) -> np.ndarray:
         return np.stack([f.mean(axis=0) for f in self.embed_frames(clips, self.sample_rate)])
 
-    def fad_embeddings(self, audio_batch: AudioBatch, sample_rate: int) -> np.ndarray:
-        """All latent frames of all clips, [sum of frames, hidden]."""
-        return np.concatenate(self.embed_frames(audio_batch, sample_rate))
+    def units(self, audio_batch: AudioBatch, sample_rate: int) -> list[np.ndarray]:
+        """Every latent frame of every clip (fadtk's convention for its encodec model)."""
+        return self.embed_frames(audio_batch, sample_rate)
 
 
 # ------------------------------------------------------------------------- clap-mini (offline proxy)

@@ -18,12 +18,14 @@ from musicgen.train.objectives import conditioned_logits
 @torch.no_grad()
 def heldout(model, tokenizer, data: TokenDataset, *, teacher=None, batch: int = 16) -> dict:
     """``nll``, ``nll_cb0`` (the first codebook), ``nll_per_codebook`` and ``kl_teacher`` (forward KL of
-    the teacher to ``model`` per position; 0.0 without a teacher) on ``data``."""
+    the teacher to ``model`` per position; 0.0 without a teacher) on ``data``, and per clip
+    ``nll_items`` / ``kl_items`` (each clip's mean over its positions: every clip has as many) for
+    paired comparisons between models on the same clips."""
     from kdq.losses import forward_kl
 
     model.eval()
     sums = counts = None
-    kl = 0.0
+    nll_items, kl_items = [], []
     for i in range(0, len(data), batch):
         part = data.subset(range(i, min(i + batch, len(data))))
         keep = torch.zeros(len(part), dtype=torch.bool)
@@ -33,12 +35,15 @@ def heldout(model, tokenizer, data: TokenDataset, *, teacher=None, batch: int = 
         m = mask.double()
         s, c = (-lp.double() * m).sum((0, 2)), m.sum((0, 2))
         sums, counts = (s, c) if sums is None else (sums + s, counts + c)
+        nll_items += ((-lp.double() * m).sum((1, 2)) / m.sum((1, 2))).tolist()
         if teacher is not None:
             t, _, _ = conditioned_logits(teacher, tokenizer, part.codes, part.captions, keep)
-            kl += float(forward_kl(logits, t.float(), mask=mask, reduction="sum"))
+            kl = forward_kl(logits, t.float(), mask=mask, reduction="none").double()
+            kl_items += ((kl * m).sum((1, 2)) / m.sum((1, 2))).tolist()
     per = (sums / counts).tolist()
-    return {"nll": float(sums.sum() / counts.sum()), "nll_cb0": per[0], "nll_per_codebook": per,
-            "kl_teacher": kl / float(counts.sum()) if teacher is not None else 0.0}
+    kl_mean = float(np.mean(kl_items)) if teacher is not None else 0.0
+    return {"nll": float(sums.sum() / counts.sum()), "nll_cb0": per[0], "nll_per_codebook": per, "kl_teacher": kl_mean,
+            "nll_items": nll_items, "kl_items": kl_items if teacher is not None else [0.0] * len(nll_items)}
 
 
 def unigram_nll(train: TokenDataset, test: TokenDataset, *, vocab: int, alpha: float = 1.0) -> dict:

@@ -537,9 +537,9 @@ class MelChromaEmbedder(AudioEmbedder):
     def _embed_clips(self, clips: list[np.ndarray]) -> np.ndarray:
         return np.stack([mel_chroma_frames(c, self.sample_rate, self.cfg).mean(axis=0) for c in clips])
 
-    def fad_embeddings(self, audio_batch, sample_rate: int) -> np.ndarray:
-        """All frames of all clips, [sum of frames, 76]."""
-        return np.concatenate(self.embed_frames(audio_batch, sample_rate))
+    def units(self, audio_batch, sample_rate: int) -> list[np.ndarray]:
+        """Every frame of every clip (FAD and KAD are computed on frames)."""
+        return self.embed_frames(audio_batch, sample_rate)
 
 
 # ----------------------------------------------------------------------------------- sanity CLI
