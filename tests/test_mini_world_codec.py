@@ -169,3 +169,41 @@ def test_toy_training_uses_all_codebooks_saves_and_resumes(tmp_path):
     assert stopped["steps_done"] == 1 and summary["resumed_from"] == 1
     for (name, p), q in zip(model.state_dict().items(), b.state_dict().values()):
         assert torch.equal(p, q), name
+
+
+def test_log_weight_zero_leaves_linear_magnitudes_only():
+    x, y = toy_audio(2, 0.25), toy_audio(2, 0.25, seed=3)
+    lin = SpectralLoss(8000, mel_ffts=(128, 256), log_weight=0.0)
+    both = SpectralLoss(8000, mel_ffts=(128, 256), log_weight=1.0)
+    plain = sum(torch.nn.functional.l1_loss(torch.einsum("bft,fm->bmt", lin.magnitude(a, n), getattr(lin, f"fb{n}")),
+                                            torch.einsum("bft,fm->bmt", lin.magnitude(b, n), getattr(lin, f"fb{n}")))
+                for n in (128, 256) for a, b in [(x, y)]) / 2
+    assert float(lin(x, y)) == pytest.approx(float(plain), rel=1e-6)
+    assert float(both(x, y)) > float(lin(x, y))
+    with pytest.raises(ConfigError, match="mel_log_weight"):
+        CodecConfig(mel_log_weight=(0.0,))
+    with pytest.raises(ConfigError, match="mel_log_weight"):
+        CodecConfig(mel_log_weight=(0.0, -1.0))
+
+
+def test_decoder_only_phase_freezes_encoder_and_codebooks():
+    """After the warm-up only the decoder moves: the codes a frozen encoder and k-means codebooks give
+    cannot collapse (EMA updates under a moving encoder collapsed them on the mini world)."""
+    from musicgen.train.loop import generator
+
+    cfg = TOY
+    assert cfg.decoder_only_after_warmup  # the recipe's default
+    model = build_codec(cfg)
+    objective = CodecObjective(cfg, toy_audio(8))
+    objective.before_step(model, cfg.warmup_ae_steps)  # k-means on the warm-up's encoder
+    after_kmeans = {k: v.clone() for k, v in model.state_dict().items()}
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for step in range(cfg.warmup_ae_steps, cfg.warmup_ae_steps + 3):
+        loss, _ = objective.loss(model, [0, 1, 2, 3], step=step, rngs=[generator(0, step, i) for i in range(4)], log=False)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    state = model.state_dict()
+    for name, before in after_kmeans.items():
+        same = torch.equal(state[name], before)
+        assert same == (name.startswith("encoder.") or name.startswith("quantizer.")), name

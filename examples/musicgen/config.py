@@ -249,8 +249,11 @@ class CodecConfig(Config):
     ``upsampling_ratios`` must multiply to ``sample_rate / 50``. Loss (``musicgen.train.objectives``):
     multi-resolution mel (``mel_ffts``, ``mel_bands`` per resolution) + ``stft_weight`` x log-magnitude
     linear-frequency STFT at ``stft_ffts`` + ``wave_l1`` x L1 + ``wave_mse`` x MSE of the waveform +
-    ``commit_weight`` x the normalised commitment loss. The first ``warmup_ae_steps`` train without the
-    quantizer; then codebooks start from residual k-means and follow EMA updates with dead-code restarts.
+    ``commit_weight`` x the normalised commitment loss; ``mel_log_weight`` weighs the log-magnitude
+    terms during the warm-up and after it (0: linear magnitudes only, which kept pitch here). The first ``warmup_ae_steps`` train
+    without the quantizer; then the codebooks start from residual k-means and either follow EMA
+    updates with dead-code restarts, or (``decoder_only_after_warmup``) stay frozen with the encoder
+    while the decoder learns to read the codes.
     """
 
     sample_rate: int = 8000
@@ -266,13 +269,15 @@ class CodecConfig(Config):
     commit_weight: float = 0.25
     dead_ratio: float = 0.1
     quantizer_dropout: float = 0.0
+    decoder_only_after_warmup: bool = True
     kmeans_clips: int = 48
     mel_ffts: tuple = (256, 512, 1024, 2048)
     mel_bands: int = 64
+    mel_log_weight: tuple = (0.0, 0.3)
     stft_ffts: tuple = ()
     stft_weight: float = 0.0
-    wave_l1: float = 0.1
-    wave_mse: float = 0.0
+    wave_l1: float = 10.0
+    wave_mse: float = 100.0
     gain_range: tuple = (0.3, 1.0)
     eval_clips: int = 64
     train: TrainConfig = TrainConfig(steps=400, micro_batch=16, lr=2e-3, warmup_steps=50, betas=(0.9, 0.99),
@@ -293,6 +298,9 @@ class CodecConfig(Config):
         if not 0 <= self.warmup_ae_steps < self.train.steps:
             raise bad_value(ConfigError, "CodecConfig.warmup_ae_steps", self.warmup_ae_steps, f"in [0, train.steps={self.train.steps})")
         _fraction(self, "quantizer_dropout")
+        if len(self.mel_log_weight) != 2 or any(not isinstance(w, (int, float)) or w < 0 for w in self.mel_log_weight):
+            raise bad_value(ConfigError, "CodecConfig.mel_log_weight", self.mel_log_weight,
+                            "two weights >= 0 (during the warm-up, after it)")
         _positive_ints(self, "num_codebooks", "kmeans_clips", "eval_clips", "mel_bands")
 
 
@@ -497,8 +505,8 @@ def _mini() -> Preset:
             pieces={"bach": 110, "folk": 70, "palestrina": 30, "monteverdi": 16, "trecento": 16, "classical": 8},
             clip_seconds=4.0, clips_per_render=3, renders_per_piece=2, max_render_seconds=30.0, workers=2),
         world=WorldConfig(
-            codec=CodecConfig(warmup_ae_steps=300, crop_seconds=1.0, eval_clips=64,
-                              train=TrainConfig(steps=2000, micro_batch=8, lr=2e-3, warmup_steps=50, betas=(0.9, 0.99),
+            codec=CodecConfig(warmup_ae_steps=1000, crop_seconds=1.0, eval_clips=64,
+                              train=TrainConfig(steps=2200, micro_batch=8, lr=2e-3, warmup_steps=50, betas=(0.9, 0.99),
                                                 weight_decay=0.0, max_grad_norm=10.0, checkpoint_every=200, log_every=25)),
             text=TextConfig(d_model=128, num_layers=2, num_heads=4, d_ff=256,
                             train=TrainConfig(steps=200, micro_batch=32, lr=1e-3, warmup_steps=0, weight_decay=0.0,

@@ -30,18 +30,22 @@ class SpectralLoss(torch.nn.Module):
     """Reconstruction loss on spectra, mean over resolutions. Shapes: ``x, y`` are (batch, samples).
 
     - mel (each FFT in ``mel_ffts``, hop FFT/4, Hann window, ``min(mel_bands, FFT/8)`` Slaney bands):
-      ``L1(mel(x), mel(y)) + L1(log(mel(x) + eps), log(mel(y) + eps))``;
+      ``L1(mel(x), mel(y)) + log_weight x L1(log(mel(x) + eps), log(mel(y) + eps))``;
     - with ``stft_ffts``: ``stft_weight`` x the same two terms on the linear-frequency magnitude
       (semitone resolution at low pitches, which mel bands at 8 kHz lack).
+
+    ``log_weight=0`` leaves only linear magnitudes. Measured here (docs/mini_world.md): beside a
+    strong waveform term, the log terms pull a small decoder towards near-silent, pitchless output
+    (quiet bins cost as much as loud ones), while linear magnitudes plus the waveform term learn pitch.
     """
 
     def __init__(self, sample_rate: int, *, mel_ffts=(256, 512, 1024, 2048), mel_bands: int = 64,
-                 stft_ffts=(), stft_weight: float = 0.0, eps: float = 1e-5):
+                 stft_ffts=(), stft_weight: float = 0.0, log_weight: float = 1.0, eps: float = 1e-5):
         super().__init__()
         from transformers.audio_utils import mel_filter_bank
 
         self.mel_ffts, self.stft_ffts = tuple(int(n) for n in mel_ffts), tuple(int(n) for n in stft_ffts)
-        self.stft_weight, self.eps = stft_weight, eps
+        self.stft_weight, self.log_weight, self.eps = stft_weight, log_weight, eps
         for n in sorted({*self.mel_ffts, *self.stft_ffts}):
             self.register_buffer(f"win{n}", torch.hann_window(n), persistent=False)
         for n in self.mel_ffts:
@@ -53,7 +57,10 @@ class SpectralLoss(torch.nn.Module):
         return torch.stft(x, n, hop_length=n // 4, window=getattr(self, f"win{n}"), return_complex=True).abs()
 
     def _pair(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        return F.l1_loss(a, b) + F.l1_loss(torch.log(a + self.eps), torch.log(b + self.eps))
+        loss = F.l1_loss(a, b)
+        if self.log_weight:
+            loss = loss + self.log_weight * F.l1_loss(torch.log(a + self.eps), torch.log(b + self.eps))
+        return loss
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         total = x.new_zeros(())
@@ -75,7 +82,9 @@ class CodecObjective(Objective):
     ``warmup_ae_steps`` the latents reach the decoder unquantized; at that step the codebooks are
     fitted by residual k-means on ``kmeans_clips`` clips, then quantized training follows (with
     quantizer dropout: each micro-batch uses the first ``n`` codebooks, ``n`` uniform in ``1..K``,
-    with probability ``quantizer_dropout``).
+    with probability ``quantizer_dropout``). With ``decoder_only_after_warmup`` the encoder and the
+    k-means codebooks stay frozen after the warm-up and only the decoder trains, on the codes: EMA
+    updates of a moving encoder collapsed the codebooks here (perplexity 1-17 within 500 steps).
     """
 
     name = "codec"
@@ -118,10 +127,14 @@ class CodecObjective(Objective):
             o = int(torch.randint(self.audio.shape[1] - self.crop + 1, (1,), generator=g))
             crops.append(self.audio[i, o : o + self.crop] * torch.empty(1).uniform_(*cfg.gain_range, generator=g))
         x = torch.stack(crops)
-        z = model.encoder(x[:, None, :])
-        commit = z.new_zeros(())
+        commit = x.new_zeros(())
         scalars: dict[str, Any] = {}
-        if step >= cfg.warmup_ae_steps:
+        if step >= cfg.warmup_ae_steps and cfg.decoder_only_after_warmup:
+            with torch.no_grad():  # encoder and k-means codebooks frozen: the decoder learns to read the codes
+                z = rvq_train_forward(model, model.encoder(x[:, None, :]), train=False)[0]
+        else:
+            z = model.encoder(x[:, None, :])
+        if step >= cfg.warmup_ae_steps and not cfg.decoder_only_after_warmup:
             k, g = cfg.num_codebooks, generator(self.seed, step, -1)  # the step's own choices
             active = int(torch.randint(1, k + 1, (1,), generator=g)) if float(torch.rand(1, generator=g)) < cfg.quantizer_dropout else k
             z, commit, _, restarted = rvq_train_forward(model, z, train=True, decay=cfg.ema_decay,
@@ -129,6 +142,7 @@ class CodecObjective(Objective):
             self.restarts += restarted
             scalars = {"restarts": restarted, "codebooks": active}
         y = model.decoder(z)[:, 0, : x.shape[1]]
+        self.spectral.log_weight = cfg.mel_log_weight[int(step >= cfg.warmup_ae_steps)]
         loss = self.spectral(y, x) + cfg.wave_l1 * F.l1_loss(y, x) + cfg.wave_mse * F.mse_loss(y, x) + cfg.commit_weight * commit
         return loss, {**scalars, "commit": float(commit.detach())}
 
