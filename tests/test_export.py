@@ -192,3 +192,36 @@ def test_merge_decoders_matches_both_branches_and_shares_weights(tmp_path):
             ref = module(*feed.values())
         for g, r in zip(got, ref):
             np.testing.assert_allclose(g, r.numpy(), atol=1e-6)
+
+
+class Branchy(nn.Module):
+    """A data-dependent branch: traced, the graph keeps only the branch the example took."""
+
+    def forward(self, x):
+        if x.sum() > 0:
+            return x * 2
+        return x - 1
+
+
+def test_data_dependent_branch_is_surfaced_and_caught_by_validation(tmp_path):
+    from kdq.export import TraceWarning
+
+    m = Branchy()
+    with pytest.warns(TraceWarning, match="validate_onnx on inputs that take the others") as rec:
+        path = export_onnx(m, {"x": torch.ones(2, 3)}, tmp_path / "b.onnx", output_names=["y"],
+                           dynamic_axes={"x": {0: "batch"}, "y": {0: "batch"}})
+    assert sum(issubclass(w.category, TraceWarning) for w in rec) == 1  # once, not once per trace site call
+    validate_onnx(path, m, [{"x": torch.ones(4, 3)}], output_names=["y"])  # the same branch: fine
+    with pytest.raises(OnnxParityError):
+        validate_onnx(path, m, [{"x": -3 * torch.ones(4, 3)}], output_names=["y"])  # the other branch: caught
+
+
+def test_plain_export_emits_no_trace_warning(tmp_path):
+    import warnings
+
+    from kdq.export import TraceWarning
+
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        export_onnx(Tiny(), _feed(2, 3), tmp_path / "m.onnx", output_names=["y", "total"], dynamic_axes=AXES)
+    assert not [w for w in rec if issubclass(w.category, TraceWarning)]

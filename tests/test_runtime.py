@@ -164,6 +164,16 @@ def test_bad_arguments_are_typed(tiny_bundle, tmp_path):
         rt.generate("piano", max_new_tokens=5)
     with pytest.raises(GenerationArgError, match="temperature"):
         rt.generate("piano", max_new_tokens=12, do_sample=True, temperature=0.0)
+    # each of these used to run (NaN guidance gave NaN logits and argmax 0; top_k -5 sliced the
+    # vocabulary from the end; [] reached the text encoder with a batch of 0)
+    for kwargs, arg in (({"do_sample": True, "temperature": float("nan")}, "temperature"),
+                        ({"guidance_scale": float("nan")}, "guidance_scale"),
+                        ({"guidance_scale": -1.0}, "guidance_scale"),
+                        ({"top_k": -5}, "top_k"), ({"top_k": 2.5}, "top_k"), ({"top_p": float("nan")}, "top_p")):
+        with pytest.raises(GenerationArgError, match=arg):
+            rt.generate("piano", max_new_tokens=12, **kwargs)
+    with pytest.raises(GenerationArgError, match="prompts"):
+        rt.generate([], max_new_tokens=12)
 
 
 def test_write_wav_roundtrip(tmp_path):

@@ -33,6 +33,7 @@ _LAZY = {
     "OnnxExportError": "kdq.export.onnx_export",
     "OnnxParityError": "kdq.export.onnx_export",
     "OnnxValidationError": "kdq.export.onnx_export",
+    "TraceWarning": "kdq.export.onnx_export",
     "ValidationReport": "kdq.export.onnx_export",
     "compare_onnx": "kdq.export.onnx_export",
     "export_onnx": "kdq.export.onnx_export",

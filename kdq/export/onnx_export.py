@@ -140,8 +140,8 @@ def export_onnx(
                 OnnxExportError, "dynamic_axes", name, f"keys must be input or output names {sorted(known)}",
                 "rename the key or add the tensor to inputs/output_names",
             )
-    with _eval_mode(module), atomic_path(path) as tmp, warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")  # the TorchScript exporter's DeprecationWarning and tracer notes
+    with _eval_mode(module), atomic_path(path) as tmp, warnings.catch_warnings(record=True) as caught, torch.no_grad():
+        warnings.simplefilter("always")
         torch.onnx.export(
             module,
             tuple(inputs.values()),
@@ -154,7 +154,25 @@ def export_onnx(
             dynamo=False,
         )
         onnx.checker.check_model(str(tmp))
+    _surface_tracer_warnings(caught)
     return Path(path)
+
+
+class TraceWarning(UserWarning):
+    """The tracer took a data-dependent branch: the graph holds only the branch the example inputs
+    took. Validate the export (``validate_onnx``) on inputs that take the other branches."""
+
+
+def _surface_tracer_warnings(caught: list) -> None:
+    """Re-emit the tracer's warnings (once per message) as ``TraceWarning``; the exporter's own
+    deprecation notes are dropped."""
+    seen = set()
+    for w in caught:
+        if issubclass(w.category, torch.jit.TracerWarning) and str(w.message) not in seen:
+            seen.add(str(w.message))
+            where = f"{Path(w.filename).name}:{w.lineno}"
+            warnings.warn(f"export_onnx: {w.message} ({where}); the graph holds the branch the example inputs took: "
+                          "validate_onnx on inputs that take the others", TraceWarning, stacklevel=3)
 
 
 def ort_session(path: str | os.PathLike, *, threads: int | None = None, optimize: bool = True):

@@ -39,13 +39,30 @@ class BundleError(KdqError):
 
 
 def export_graphs(model, workdir: Path, *, atol: float = 1e-4) -> dict[str, dict[str, Any]]:
-    """Export every graph of ``bundle.parts.GRAPHS`` in fp32 and validate it on other shapes."""
+    """Export every graph of ``bundle.parts.GRAPHS`` in fp32 and validate it on other shapes.
+
+    The tracer's warnings (``kdq.export.TraceWarning``: transformers' masking, cache and EnCodec code
+    branch on shapes) are recorded in the report rather than printed: each graph is validated on
+    inputs of other lengths (``GRAPHS[i].checks``: no past and a cache, several lengths), and the
+    bundle end to end against ``generate``, which is what would catch a wrong branch.
+    """
+    import warnings
+
+    from kdq.export import TraceWarning
+
     out = {}
     for g in GRAPHS:
         module, outputs = g.wrap(model), g.outputs(model)
-        path = export_onnx(module, g.example(model), workdir / f"{g.name}.onnx", output_names=outputs, dynamic_axes=g.axes(model))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", TraceWarning)
+            path = export_onnx(module, g.example(model), workdir / f"{g.name}.onnx", output_names=outputs,
+                               dynamic_axes=g.axes(model))
         report = validate_onnx(path, module, g.checks(model), output_names=outputs, atol=atol)
-        out[g.name] = {"path": path, "parity": report.to_json()}
+        traced = [str(w.message).split(";")[0].removeprefix("export_onnx: ") for w in caught if issubclass(w.category, TraceWarning)]
+        for w in caught:
+            if not issubclass(w.category, TraceWarning):
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        out[g.name] = {"path": path, "parity": report.to_json(), "trace_warnings": traced}
     return out
 
 
@@ -170,7 +187,8 @@ def export_bundle(model: Any, out: str | Path, *, plan: Any = "fp32", tokenizer:
         bar.set_postfix_str("export and validate graphs")
         work = stage / "_graphs"
         work.mkdir()
-        graphs = {name: Path(v["path"]) for name, v in export_graphs(model_obj, work, atol=atol).items()}
+        exported = export_graphs(model_obj, work, atol=atol)
+        graphs = {name: Path(v["path"]) for name, v in exported.items()}
         bar.update(1)
         bar.set_postfix_str("apply the plan")
         plan_report, dtypes = None, {p: "fp32" for p in PARTS}
@@ -202,6 +220,7 @@ def export_bundle(model: Any, out: str | Path, *, plan: Any = "fp32", tokenizer:
                 entry.update({k: v for k, v in plan_report["parts"][part].items() if k not in entry})
             report["parts"][part] = entry
         report["bundle_bytes"] = sum(e["bytes"] for e in report["parts"].values())
+        report["trace_warnings"] = {name: v["trace_warnings"] for name, v in exported.items() if v["trace_warnings"]}
         shutil.rmtree(work)
         kv = plan_report["parts"]["decoder_model_merged"]["kv_cache_dtype"] if plan_report else "float32"
         write_text_atomic(stage / "config.json", json.dumps(_bundle_config(model_obj, dtypes, kv), indent=2))

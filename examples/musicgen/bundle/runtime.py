@@ -210,10 +210,16 @@ class MusicgenOnnx:
                             f">= {least}: codebooks - 1 delay steps plus {MIN_FRAMES} frames, the shortest input the exported "
                             "EnCodec graph decodes like PyTorch (its first convolution's reflect padding takes another "
                             "branch below that length)")
-        if do_sample and temperature <= 0:
-            raise bad_value(GenerationArgError, "temperature", temperature, "> 0 when sampling", "use do_sample=False for greedy")
-        if not 0 < top_p <= 1:
+        if do_sample and not (np.isfinite(temperature) and temperature > 0):
+            raise bad_value(GenerationArgError, "temperature", temperature, "a finite number > 0 when sampling",
+                            "use do_sample=False for greedy")
+        if not 0 < top_p <= 1:  # NaN fails this too
             raise bad_value(GenerationArgError, "top_p", top_p, "in (0, 1]")
+        if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 0:
+            raise bad_value(GenerationArgError, "top_k", top_k, "an integer >= 0 (0: no top-k filter)")
+        if guidance_scale is not None and not (np.isfinite(guidance_scale) and guidance_scale >= 0):
+            raise bad_value(GenerationArgError, "guidance_scale", guidance_scale, "None or a finite number >= 0 "
+                            "(<= 1: no classifier-free guidance)")
         timings = timings if timings is not None else Timings()
         rng = np.random.default_rng(seed) if do_sample else None
         cfg = guidance_scale is not None and guidance_scale > 1
@@ -287,6 +293,8 @@ class MusicgenOnnx:
         """Prompts -> float32 audio (B, channels, samples). ``kwargs`` go to ``generate_codes``."""
         timings = timings if timings is not None else Timings()
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        if not prompts or not all(isinstance(x, str) for x in prompts):
+            raise bad_value(GenerationArgError, "prompts", prompts, "a string or a non-empty list of strings")
         t = time.perf_counter()
         ids, mask = self.tokenize(prompts)
         timings.add("tokenize", time.perf_counter() - t)
