@@ -130,3 +130,23 @@ def test_published_hub_is_verified_before_use(world, tmp_path, monkeypatch):
     (tmp_path / "hub" / "other" / "mine.txt").write_text("x")
     with pytest.raises(WorldError, match="not a hub folder"):
         publish(override(TOY, {"name": "other"}), results, command="pytest")
+
+
+def test_the_shipped_mini_hub_matches_its_recipe_and_loads():
+    """The local hub committed under examples/musicgen/hub/mini: every file's SHA-256 and the mini
+    preset's recipe digest match card.json, and each product loads with from_pretrained (fp16
+    storage, fp32 in memory) with the shapes the preset says."""
+    from transformers import EncodecModel, MusicgenForConditionalGeneration
+
+    from musicgen.config import preset
+
+    p = preset("mini")
+    found = verify_hub(p)
+    card = found["card"]
+    assert card["figures"]["codec"]["chroma_corr"] >= 0.6  # a codec that keeps pitch (docs/mini_world.md)
+    codec = EncodecModel.from_pretrained(found["folders"]["codec"], use_safetensors=True)
+    assert codec.config.codebook_size == p.world.codec.codebook_size and codec.dtype == torch.float32
+    teacher = MusicgenForConditionalGeneration.from_pretrained(found["folders"]["teacher"], use_safetensors=True)
+    assert teacher.config.decoder.hidden_size == p.world.teacher.decoder.hidden
+    nll = card["figures"]
+    assert nll["student_base"]["held_out"]["test"]["nll"] - nll["teacher"]["held_out"]["test"]["nll"] >= 0.3

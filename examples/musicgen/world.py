@@ -259,8 +259,11 @@ def publish(p: Preset, results: dict[str, dict], *, command: str, fp16: bool = T
             weights = stage / name / "model.safetensors"
             tensors = {k: (v.half() if v.is_floating_point() else v) for k, v in load_file(str(weights)).items()}
             save_file(tensors, str(weights), metadata={"format": "pt"})
+    def summary(held_out: dict) -> dict:  # per-clip values stay in the stage's record, not on the card
+        return {split: {k: v for k, v in fig.items() if not k.endswith("_items")} for split, fig in held_out.items()}
+
     figures = {"codec": results["codec"]["held_out"], "tokens": {"unigram_test": results["tokens"]["unigram_test"]},
-               **{n: {"held_out": results[n]["held_out"], "decoder_params": results[n]["decoder_params"]}
+               **{n: {"held_out": summary(results[n]["held_out"]), "decoder_params": results[n]["decoder_params"]}
                   for n in ("teacher", "student_base")}}
     card = {"preset": p.name, "seed": p.seed, "recipe_digest": recipe_digest(p), "command": command,
             "recipe": {"data": p.data.to_dict(), "world": p.world.to_dict()}, "figures": figures,
