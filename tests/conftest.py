@@ -46,3 +46,17 @@ def pytest_terminal_summary(terminalreporter) -> None:
     if not EXAMPLE:
         terminalreporter.write_line(f"examples/musicgen is not here (an sdist): {len(NEEDS_EXAMPLE)} test files that "
                                     f"need it were not collected: {', '.join(NEEDS_EXAMPLE)}")
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tmp_path_factory):
+    """(model folder, bundle folder, export report): the tiny random MusicGen and its fp32 ONNX bundle,
+    exported once per session and shared by the runtime and device-run tests. Treat it as read-only:
+    copy the bundle before writing into it."""
+    from musicgen.bundle.build import export_bundle
+    from musicgen.models.tiny import save_tiny_musicgen
+
+    root = tmp_path_factory.mktemp("tiny_musicgen")
+    model_dir = save_tiny_musicgen(root / "model")
+    report = export_bundle(str(model_dir), root / "bundle", progress=False)
+    return model_dir, root / "bundle", report

@@ -14,18 +14,17 @@ pytest.importorskip("onnxruntime")
 pytest.importorskip("transformers")
 
 from musicgen.bundle.device import DeviceRunError, device_run, ensure_ort_format  # noqa: E402
-from musicgen.bundle.build import export_bundle  # noqa: E402
 from musicgen.bundle.runtime import MusicgenOnnx  # noqa: E402
-from musicgen.models.tiny import save_tiny_musicgen  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def bundle(tmp_path_factory):
-    root = tmp_path_factory.mktemp("device")
-    export_bundle(str(save_tiny_musicgen(root / "model")), root / "bundle", progress=False)
-    return root / "bundle"
+def bundle(tiny_bundle, tmp_path_factory):
+    """A copy of the shared tiny bundle (the device run writes .ort files beside the .onnx ones)."""
+    import shutil
+
+    return Path(shutil.copytree(tiny_bundle[1], tmp_path_factory.mktemp("device") / "bundle"))
 
 
 def test_ort_format_run_matches_onnx_and_reports(bundle, tmp_path):

@@ -273,3 +273,25 @@ def test_headless_chromium_renders_it(tmp_path):
     # the toy banner (#fff3cd) is on screen
     banner = (np.abs(img - np.array([0xFF, 0xF3, 0xCD]) / 255).max(axis=-1) < 0.02)
     assert banner.sum() > 10_000
+
+
+def test_main_renders_intervals_and_paired_comparisons(tmp_path, capsys):
+    from musicgen.report import main
+
+    results = _results(tmp_path)
+    kd = results["variants"]["student_kd"]
+    kd.update({"fad_embedder": "mel-chroma", "fad_mel-chroma": 6.0, "fad_mel-chroma_ci": [5.5, 6.75],
+               "key_accuracy": 0.25, "key_accuracy_ci": [0.125, 0.375]})
+    results["ceilings"] = {"key_accuracy": 0.54, "key_accuracy_chance": 1 / 24}
+    results["comparisons"] = {
+        "student_kd - student_ce": {"a": "student_kd", "b": "student_ce", "question": "distillation against CE",
+                                    "nll": {"estimate": -0.04, "low": -0.07, "high": -0.01, "within_noise": False},
+                                    "key_accuracy": {"estimate": 0.02, "low": -0.05, "high": 0.09, "within_noise": True}}}
+    (tmp_path / "results.json").write_text(json.dumps(results))
+    out = main([str(tmp_path / "results.json"), "--out", str(tmp_path / "r.html")])
+    assert out == tmp_path / "r.html" and capsys.readouterr().out.strip() == str(out)
+    text = " ".join(" ".join(_parse(out.read_text()).text).split())
+    assert "6.000 [5.500, 6.750]" in text and "0.250 [0.125, 0.375]" in text  # the intervals beside the figures
+    assert "Paired comparisons" in text and "distillation against CE" in text
+    assert "-0.04 [-0.07, -0.01]" in text and "+0.02 [-0.05, 0.09] within noise" in text
+    assert "key accuracy of the real test clips 0.540 (chance 0.042)" in text

@@ -35,14 +35,6 @@ def _text_inputs(tok, prompts):
 
 
 @pytest.fixture(scope="module")
-def tiny_bundle(tmp_path_factory):
-    root = tmp_path_factory.mktemp("musicgen")
-    model_dir = save_tiny_musicgen(root / "model")
-    report = export_bundle(str(model_dir), root / "bundle", progress=False)
-    return model_dir, root / "bundle", report
-
-
-@pytest.fixture(scope="module")
 def reference(tiny_bundle):
     from transformers import AutoTokenizer, MusicgenForConditionalGeneration
 
