@@ -39,8 +39,8 @@ import numpy as np
 
 from kdq.errors import bad_value, close_matches
 from kdq.quant.errors import BudgetError, CostError
+from kdq.quant.plan import OBJECTIVES
 
-OBJECTIVES = ("sensitivity", "bytes", "latency")
 # The order in which each objective breaks ties (see the module docstring).
 _TIES = {
     "sensitivity": ("sensitivity", "bytes", "latency"),
