@@ -84,7 +84,8 @@ def _milp(c: np.ndarray, rows: list[tuple[np.ndarray, float]], allowed: np.ndarr
 
     Each coefficient matrix is shifted by its per-group minimum (a constant, since every group picks
     exactly one); float ones are scaled so HiGHS's absolute tolerances act far below the spread of
-    the choices; the relative MIP gap is 1e-9 (the default 1e-4 is not exact enough).
+    the choices, integer ones get their limit rounded down; the relative MIP gap is 1e-9 (the default
+    1e-4 is not exact enough).
     """
     from scipy.optimize import Bounds, LinearConstraint, milp
 
@@ -100,6 +101,10 @@ def _milp(c: np.ndarray, rows: list[tuple[np.ndarray, float]], allowed: np.ndarr
         # so their largest spread is 1e6 and the absolute tolerances (1e-7, 1e-6) become ~1e-13.
         return sh, float(m.sum()), 1.0 if integral or top == 0 else top / 1e6
 
+    def integral(coeff: np.ndarray) -> bool:
+        sh = np.where(allowed, coeff - np.where(allowed, coeff, np.inf).min(axis=1)[:, None], 0.0)
+        return bool(np.all(sh == np.round(sh))) and float(sh.max()) < 2**52
+
     A_eq = np.zeros((G, n))
     for g in range(G):
         A_eq[g, g * D : (g + 1) * D] = 1.0
@@ -108,7 +113,12 @@ def _milp(c: np.ndarray, rows: list[tuple[np.ndarray, float]], allowed: np.ndarr
         sh, const, scale = shifted(np.asarray(coeff, dtype=float))
         if limit - const < -1e-12 * max(1.0, abs(const)):
             return None  # even the per-group minima exceed this limit
-        cons.append(LinearConstraint(sh.reshape(1, n) / scale, -np.inf, max(limit - const, 0.0) / scale))
+        rhs = max(limit - const, 0.0)
+        if integral(np.asarray(coeff, dtype=float)) and math.isfinite(rhs):
+            # Integer rows only reach integer totals: round the limit down, so that HiGHS's feasibility
+            # tolerance (1e-7) cannot admit a total a hair above a fractional limit.
+            rhs = float(math.floor(rhs + 1e-9 * max(1.0, rhs)))
+        cons.append(LinearConstraint(sh.reshape(1, n) / scale, -np.inf, rhs / scale))
     sh, _, scale = shifted(np.asarray(c, dtype=float))
     res = milp(
         c=sh.reshape(n) / scale, constraints=cons, integrality=np.ones(n),
