@@ -15,9 +15,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
-from pathlib import Path
 
 from kdq.errors import KdqError, bad_value
 from musicgen.bundle.runtime import MIN_FRAMES, MusicgenOnnx, Timings
