@@ -1,6 +1,7 @@
 """The ``kdq`` command line.
 
-    kdq plan show PLAN [--model DIR] [--all]   the plan's rules; with a model, which rule sets each module
+    kdq plan show PLAN [--model DIR] [--all]   the plan's rules, budgets, objective and device; with a
+                                               model, which rule sets each module
     kdq plan size PLAN --model DIR [--json]    bytes of the model under the plan, by part and by dtype
     kdq --version
 
@@ -40,6 +41,26 @@ def _fmt_bytes(n: float) -> str:
     return f"{n / 1e6:,.2f} MB"
 
 
+def _fmt_seconds(s: float) -> str:
+    return f"{1e3 * s:,.3f} ms"
+
+
+def _fmt_budget(key: str, value: Any) -> str:
+    if value is None:
+        return f"{key} none"
+    if key == "max_bytes":
+        return f"max_bytes {_fmt_bytes(value)}"
+    if key == "max_latency":
+        return f"max_latency {_fmt_seconds(value)}"
+    if key == "extra_limits" and isinstance(value, dict):
+        return ", ".join(f"{k} <= {v:g}" for k, v in value.items())
+    return f"{key} {value:.4g}" if isinstance(value, (int, float)) else f"{key} {value}"
+
+
+def _fmt_device(v: Any) -> str:
+    return ",".join(map(str, v)) if isinstance(v, list) else str(v)
+
+
 def _plan_show(args: argparse.Namespace) -> int:
     from kdq.quant import Plan, explain_plan
 
@@ -54,7 +75,16 @@ def _plan_show(args: argparse.Namespace) -> int:
             parts.append(f"bytes {_fmt_bytes(plan.predicted['bytes'])}")
         if "sensitivity" in plan.predicted:
             parts.append(f"sensitivity {plan.predicted['sensitivity']:.4g}")
+        if "latency" in plan.predicted:
+            unit = plan.meta.get("latency_unit", "call")
+            parts.append(f"latency {_fmt_seconds(plan.predicted['latency'])} per {unit}")
         print("predicted: " + ", ".join(parts))
+    if plan.objective is not None or plan.budget:
+        goal = {None: "objective not recorded", "bytes": "fewest bytes"}.get(plan.objective, f"least {plan.objective}")
+        within = ", ".join(_fmt_budget(k, v) for k, v in plan.budget.items())
+        print(f"planned for: {goal}" + (f" within {within}" if within else ""))
+    if plan.device is not None:
+        print("device: " + (", ".join(f"{k}={_fmt_device(v)}" for k, v in plan.device.items()) or "(not recorded)"))
     width = max([len(r) for r in plan.assignments] + [4])
     print(f"\n{'rule':<{width}}  dtype  {'sensitivity':>11}  {'bytes':>14}  reason")
     for rule, dtype in plan.assignments.items():

@@ -1,7 +1,7 @@
 """Run a MusicGen ONNX bundle the way a phone would, and report what it cost.
 
     python examples/musicgen/device_run.py --bundle OUT --prompt TEXT --seconds S --out out.wav \\
-        [--threads 2] [--ort-format] [--greedy] [--seed 0]
+        [--threads 2] [--ort-format] [--greedy] [--seed 0] [--stream [--window 50 --overlap 10]]
 
 Prints, as the last line of stdout, one JSON object (``musicgen.bundle.device.device_run``).
 """
@@ -32,10 +32,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--guidance", type=float, default=None, help="guidance scale (default: generation_config)")
     ap.add_argument("--top-k", type=int, default=None)
     ap.add_argument("--progress", action="store_true", help="progress bar over decoder steps (stderr)")
+    ap.add_argument("--stream", action="store_true", help="decode audio in cross-faded windows while generating")
+    ap.add_argument("--window", type=int, default=50, help="code frames per streamed decode (50 = 1 s)")
+    ap.add_argument("--overlap", type=int, default=10, help="frames each window re-decodes from the previous one")
     args = ap.parse_args(argv)
     result = device_run(args.bundle, args.prompt, seconds=args.seconds, out=args.out, threads=args.threads,
                         ort_format=args.ort_format, greedy=args.greedy, seed=args.seed,
-                        guidance_scale=args.guidance, top_k=args.top_k, progress=args.progress)
+                        guidance_scale=args.guidance, top_k=args.top_k, progress=args.progress,
+                        stream=args.stream, window=args.window, overlap=args.overlap)
     print(json.dumps(result))
     return 0
 

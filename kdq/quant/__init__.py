@@ -8,6 +8,8 @@
   ``load_quantized`` (``kdq.quant.saving``).
 - ``MixedPrecisionPlanner`` (``kdq.quant.profile``): groups, profiling (measured and Fisher tiers),
   solving (``kdq.quant.solve``: exact multiple-choice knapsack) and predicted-vs-measured checks.
+- ``DeviceCosts`` (``kdq.quant.costs``): seconds per group and dtype on one device, the input of
+  latency budgets; plain data, JSON.
 - Score functions (``kdq.quant.scores``): ``OutputKL``, ``RelativeError``, ``SumOfScores``.
 
 Names are imported lazily (on first use), so ``from kdq.quant import Plan`` does not import torch.
@@ -29,6 +31,8 @@ _LAZY = {
     "BudgetError": "kdq.quant.errors",
     "ProfileError": "kdq.quant.errors",
     "ModelFolderError": "kdq.quant.errors",
+    "CostError": "kdq.quant.errors",
+    "DeviceCosts": "kdq.quant.costs",
     "apply_plan": "kdq.quant.apply",
     "explain_plan": "kdq.quant.apply",
     "model_bytes": "kdq.quant.apply",

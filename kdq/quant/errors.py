@@ -24,3 +24,8 @@ class ProfileError(KdqError):
 class ModelFolderError(KdqError):
     """A model folder kdq cannot read (missing or corrupt files, unknown architecture) or will not write
     into (weights that ``from_pretrained`` would load instead of kdq's)."""
+
+
+class CostError(KdqError):
+    """A device cost table that is malformed or lacks a (group, dtype) a solve needs, or a latency
+    budget or objective given without one."""

@@ -31,10 +31,16 @@ The JSON file (schema ``kdq.plan/1``)::
                                   "reason": "..."}},
       "predicted": {"bytes": 1061000000, "sensitivity": 0.0123},
       "model": {"fingerprint": "sha256:...", "bytes_fp32": 2346000000},
-      "meta": {"score": "kl", "budget": {"max_bytes": 1100000000}}
+      "meta": {"score": "kl", "budget": {"max_bytes": 1100000000, "max_latency": 0.045},
+               "objective": "sensitivity", "latency_unit": "step",
+               "device": {"cpu": "...", "threads": 2, "onnxruntime": "1.20.1"}}
     }
 
-Only ``schema`` and ``assignments`` are required.
+Only ``schema`` and ``assignments`` are required. In ``meta``, the planner records the budgets it met
+(``budget``: any of ``max_bytes``, ``max_sensitivity``, ``max_latency`` and ``extra_limits``), the
+resource it minimised (``objective``) and, when it planned with a device cost table, what that table
+was measured on (``device``, with ``latency_unit``; ``predicted`` then has ``latency`` in seconds).
+Plans written before these keys existed load as they are (``Plan.objective`` is then None).
 
 This module is pure data: it imports neither torch nor ``kdq.quant.apply`` (which imports it), so
 plans can be read, written, resolved and checked against a list of module names without torch.
@@ -59,6 +65,7 @@ from kdq.quant.errors import PlanError
 from kdq.quant.pattern import NameMatcher
 
 SCHEMA = "kdq.plan/1"
+OBJECTIVES = ("sensitivity", "bytes", "latency")  # what a solve can minimise (kdq.quant.solve imports it)
 PATTERN_PREFIX = "re:"
 _TOP_KEYS = ("schema", "default", "assignments", "groups", "predicted", "model", "meta")
 _GROUP_KEYS = ("dtype", "sensitivity", "bytes", "reason")
@@ -169,8 +176,47 @@ class Plan:
             _check_number(f"predicted[{k!r}]", self.predicted.get(k), integer=True)
         for k in ("sensitivity",):
             _check_number(f"predicted[{k!r}]", self.predicted.get(k))
+        _check_number("predicted['latency']", self.predicted.get("latency"))
         self.model: dict[str, Any] = dict(model or {})
         self.meta: dict[str, Any] = dict(meta or {})
+        self._check_planning_meta()
+
+    def _check_planning_meta(self) -> None:
+        budget = self.meta.get("budget", {})
+        if not isinstance(budget, Mapping):
+            raise PlanError(f"meta['budget']={budget!r} is not allowed: it must be an object such as {{'max_bytes': 1e9}}")
+        for k in ("max_bytes", "max_sensitivity", "max_latency"):
+            if k in budget and budget[k] is not None and (
+                isinstance(budget[k], bool) or not isinstance(budget[k], (int, float)) or math.isnan(budget[k])
+            ):
+                raise PlanError(f"meta['budget'][{k!r}]={budget[k]!r} is not allowed: it must be a number or null")
+        objective = self.meta.get("objective")
+        if objective is not None and objective not in OBJECTIVES:
+            raise PlanError(
+                f"meta['objective']={objective!r} is not allowed: it must be one of {', '.join(OBJECTIVES)} or "
+                f"absent{close_matches(str(objective), OBJECTIVES)}"
+            )
+        device = self.meta.get("device")
+        if device is not None and not isinstance(device, Mapping):
+            raise PlanError(f"meta['device']={device!r} is not allowed: it must be an object (what it was measured on)")
+
+    @property
+    def budget(self) -> dict[str, Any]:
+        """The budgets the planner met (``meta['budget']``; empty for a hand-written or old plan)."""
+        return dict(self.meta.get("budget") or {})
+
+    @property
+    def objective(self) -> str | None:
+        """The resource the planner minimised, or None (hand-written plans, and plans made before the
+        planner recorded it: those minimised sensitivity under ``max_bytes`` and bytes under
+        ``max_sensitivity``)."""
+        return self.meta.get("objective")
+
+    @property
+    def device(self) -> dict[str, Any] | None:
+        """What the device cost table the plan was made with was measured on, or None."""
+        d = self.meta.get("device")
+        return None if d is None else dict(d)
 
     @staticmethod
     def _record(name: str, rec: GroupRecord | Mapping[str, Any]) -> GroupRecord:

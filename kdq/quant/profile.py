@@ -48,10 +48,11 @@ from kdq.quant.apply import (
     subtree_targets,
 )
 from kdq.quant.dtypes import dequantize_int4, dequantize_int8, get_dtype, quantize_int4, quantize_int8, quantized_class
-from kdq.quant.errors import GroupError, ProfileError
+from kdq.quant.costs import DeviceCosts
+from kdq.quant.errors import CostError, GroupError, ProfileError
 from kdq.quant.groups import default_groups, resolve_groups
 from kdq.quant.plan import GroupRecord, Plan, model_fingerprint
-from kdq.quant.solve import Solution, pareto_frontier, solve_mckp
+from kdq.quant.solve import Solution, pareto_frontier, resolve_objective, solve_mckp
 
 TABLE_SCHEMA = "kdq.sensitivity/1"
 
@@ -422,24 +423,39 @@ class MixedPrecisionPlanner:
         *,
         max_bytes: int | None = None,
         max_sensitivity: float | None = None,
+        max_latency: float | None = None,
+        objective: str | None = None,
+        costs: DeviceCosts | None = None,
         extra_costs: Mapping[str, Mapping[str, Mapping[str, float]]] | None = None,
         extra_limits: Mapping[str, float] | None = None,
     ) -> Plan:
-        """The optimal plan: least total sensitivity within ``max_bytes``, or fewest bytes within
-        ``max_sensitivity`` (exactly one), subject to optional extra cost columns.
+        """The optimal plan under any combination of budgets, minimising ``objective``.
+
+        ``objective=None`` keeps the original contract: fewest bytes when ``max_sensitivity`` is the
+        only size/quality budget, least sensitivity otherwise (see ``kdq.quant.solve``).
 
         Args:
             table: from ``profile`` or ``profile_fisher``.
             max_bytes: whole-model size budget in bytes.
             max_sensitivity: total (additive) sensitivity budget.
-            extra_costs: ``{name: {group: {dtype: cost}}}``, e.g. measured latency per group and dtype.
+            max_latency: seconds per call (``costs.unit``) on the device ``costs`` was measured on.
+            objective: ``"sensitivity"``, ``"bytes"`` or ``"latency"`` (the last needs ``costs``).
+            costs: the device cost table; its ``device`` is recorded in the plan.
+            extra_costs: ``{name: {group: {dtype: cost}}}``, further additive costs with limits.
             extra_limits: ``{name: limit}`` for each extra cost (sum over groups <= limit).
 
         Raises:
-            BudgetError: the budget is unreachable (names the smallest size / least sensitivity).
+            BudgetError: an objective not allowed, or budgets no plan meets (names the least reachable
+                value of each budgeted resource).
+            CostError: a latency budget/objective without ``costs``, or ``costs`` lacking a (group,
+                dtype) of this table.
         """
         self._check_table(table)
         s, b = table.arrays()
+        if costs is not None and not isinstance(costs, DeviceCosts):
+            raise bad_value(CostError, "costs", type(costs).__name__, "a kdq.quant.DeviceCosts (or None)",
+                            "load one with DeviceCosts.load(path)")
+        latency = costs.array(table.groups, table.candidates) if costs is not None else None
         extra = {}
         extra_costs = dict(extra_costs or {})
         extra_limits = dict(extra_limits or {})
@@ -451,16 +467,29 @@ class MixedPrecisionPlanner:
             except KeyError as e:
                 raise ProfileError(f"extra_costs[{name!r}] lacks an entry for {e}: give every group and candidate") from None
             extra[name] = (cost, float(extra_limits[name]))
-        sol = solve_mckp(s, b, rest_bytes=table.rest_bytes, max_bytes=max_bytes, max_sensitivity=max_sensitivity, extra=extra)
-        budget = {"max_bytes": max_bytes} if max_bytes is not None else {"max_sensitivity": max_sensitivity}
+        goal = resolve_objective(objective, max_bytes=max_bytes, max_sensitivity=max_sensitivity,
+                                 max_latency=max_latency, has_latency=latency is not None)
+        sol = solve_mckp(
+            s, b, rest_bytes=table.rest_bytes, max_bytes=max_bytes, max_sensitivity=max_sensitivity, extra=extra,
+            latency=latency, rest_latency=costs.rest_seconds if costs is not None else 0.0, max_latency=max_latency,
+            objective=goal,
+        )
+        budget: dict[str, Any] = {
+            k: v for k, v in (("max_bytes", max_bytes), ("max_sensitivity", max_sensitivity), ("max_latency", max_latency))
+            if v is not None
+        }
         if extra_limits:
             budget["extra_limits"] = dict(extra_limits)
-        return self._plan(table, sol, budget)
+        return self._plan(table, sol, budget, goal, costs)
 
-    def _plan(self, table: SensitivityTable, sol: Solution, budget: dict[str, Any]) -> Plan:
+    def _plan(
+        self, table: SensitivityTable, sol: Solution, budget: dict[str, Any], objective: str = "sensitivity",
+        costs: DeviceCosts | None = None,
+    ) -> Plan:
         assignments: dict[str, str] = {}
         records: dict[str, GroupRecord] = {}
-        goal = "least sensitivity within max_bytes" if "max_bytes" in budget else "fewest bytes within max_sensitivity"
+        limits = " and ".join(k for k in budget if k != "extra_limits") or "no budget"
+        goal = f"{'fewest' if objective == 'bytes' else 'least'} {objective} within {limits}"
         for g, di in zip(table.groups, sol.choice):
             d = table.candidates[di]
             assignments[g] = d
@@ -470,24 +499,61 @@ class MixedPrecisionPlanner:
                 if d2 == d:
                     continue
                 ds = table.sensitivity[g][d2] - s0
-                alts.append(f"{d2} {ds:+.3g}/{(table.bytes[g][d2] - b0) / 1e6:+.2f}MB")
+                alt = f"{d2} {ds:+.3g}/{(table.bytes[g][d2] - b0) / 1e6:+.2f}MB"
+                if costs is not None:
+                    alt += f"/{1e3 * (costs.seconds[g][d2] - costs.seconds[g][d]):+.3g}ms"
+                alts.append(alt)
             records[g] = GroupRecord(dtype=d, sensitivity=float(s0), bytes=int(b0), reason=f"{goal}; vs {', '.join(alts)}")
+        predicted: dict[str, Any] = {"bytes": sol.bytes, "sensitivity": sol.sensitivity}
+        if sol.latency is not None:
+            predicted["latency"] = sol.latency
+        if sol.extra:
+            predicted["extra"] = sol.extra
+        meta: dict[str, Any] = {
+            "tier": table.tier, "score": table.meta.get("score"), "candidates": table.candidates,
+            "budget": budget, "objective": objective,
+        }
+        if costs is not None:
+            meta["device"] = dict(costs.device)
+            meta["latency_unit"] = costs.unit
         return Plan(
             assignments,
             groups=records,
-            predicted={"bytes": sol.bytes, "sensitivity": sol.sensitivity, **({"extra": sol.extra} if sol.extra else {})},
+            predicted=predicted,
             model={"fingerprint": self.fingerprint, "bytes_fp32": table.total_bytes("fp32")},
-            meta={"tier": table.tier, "score": table.meta.get("score"), "candidates": table.candidates, "budget": budget},
+            meta=meta,
         )
 
-    def frontier(self, table: SensitivityTable, *, points: int = 32) -> list[dict[str, Any]]:
-        """Pareto-optimal (bytes, sensitivity) plans for plots: ``[{"bytes", "sensitivity", "plan"}]``."""
+    def frontier(
+        self,
+        table: SensitivityTable,
+        *,
+        points: int | None = 32,
+        axes: tuple[str, str] = ("bytes", "sensitivity"),
+        costs: DeviceCosts | None = None,
+    ) -> list[dict[str, Any]]:
+        """Pareto-optimal plans on two of bytes, sensitivity and latency, for plots.
+
+        Returns ``[{"bytes", "sensitivity", ("latency",) "plan"}]`` sorted by ``axes[0]``; each plan
+        records the budget on ``axes[0]`` that produced it and the objective ``axes[1]``. ``points=None``
+        gives the exact frontier (see ``kdq.quant.solve.pareto_frontier``).
+        """
         self._check_table(table)
         s, b = table.arrays()
-        return [
-            {"bytes": sol.bytes, "sensitivity": sol.sensitivity, "plan": self._plan(table, sol, {"max_bytes": sol.bytes})}
-            for sol in pareto_frontier(s, b, rest_bytes=table.rest_bytes, points=points)
-        ]
+        latency = costs.array(table.groups, table.candidates) if costs is not None else None
+        sols = pareto_frontier(
+            s, b, rest_bytes=table.rest_bytes, points=points, latency=latency,
+            rest_latency=costs.rest_seconds if costs is not None else 0.0, axes=axes,
+        )
+        x, y = axes
+        out = []
+        for sol in sols:
+            row: dict[str, Any] = {"bytes": sol.bytes, "sensitivity": sol.sensitivity}
+            if sol.latency is not None:
+                row["latency"] = sol.latency
+            row["plan"] = self._plan(table, sol, {f"max_{x}": sol.value(x) if x != "bytes" else sol.bytes}, y, costs)
+            out.append(row)
+        return out
 
     def measure(self, plan: Plan, score_fn: Callable[[nn.Module], float]) -> dict[str, float]:
         """Apply ``plan`` temporarily, score it, restore: predicted against measured.

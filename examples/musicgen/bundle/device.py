@@ -17,6 +17,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+
 from kdq.errors import KdqError, bad_value
 from musicgen.bundle.runtime import MIN_FRAMES, MusicgenOnnx, Timings
 from musicgen.files import write_wav
@@ -88,8 +90,16 @@ def device_run(
     guidance_scale: float | None = None,
     top_k: int | None = None,
     progress: bool = False,
+    stream: bool = False,
+    window: int = 50,
+    overlap: int = 10,
 ) -> dict:
-    """Load, generate ``seconds`` of audio for ``prompt``, write the WAV; return the measurements."""
+    """Load, generate ``seconds`` of audio for ``prompt``, write the WAV; return the measurements.
+
+    ``stream``: decode audio in cross-faded windows of ``window`` code frames overlapping by
+    ``overlap`` while the decoder runs (``MusicgenOnnx.generate_stream``); ``time_to_first_audio_s``
+    is then when the first chunk came out (without streaming: when the whole clip did).
+    """
     if seconds <= 0:
         raise bad_value(DeviceRunError, "seconds", seconds, "> 0")
     if threads < 1:
@@ -109,11 +119,15 @@ def device_run(
     guidance = guidance_scale if guidance_scale is not None else gen.get("guidance_scale", 3.0)
     timings = Timings()
     t = time.perf_counter()
-    audio = rt.generate(
-        [prompt], max_new_tokens=max_new_tokens, guidance_scale=guidance, do_sample=not greedy,
-        top_k=top_k if top_k is not None else (gen.get("top_k") or 250), seed=seed, timings=timings,
-        progress=progress,
-    )
+    kw = dict(max_new_tokens=max_new_tokens, guidance_scale=guidance, do_sample=not greedy,
+              top_k=top_k if top_k is not None else (gen.get("top_k") or 250), seed=seed, timings=timings,
+              progress=progress)
+    chunks = 1
+    if stream:
+        parts = list(rt.generate_stream(prompt, window=window, overlap=overlap, **kw))
+        audio, chunks = np.concatenate(parts, axis=-1), len(parts)
+    else:
+        audio = rt.generate([prompt], **kw)
     gen_s = time.perf_counter() - t
     write_wav(out, audio[0], rt.sampling_rate)
     audio_s = audio.shape[-1] / rt.sampling_rate
@@ -130,6 +144,8 @@ def device_run(
         "ms_per_cached_step": round(1000 * timings.stages.get("decoder_cached_steps", 0.0) / max(1, timings.decoder_steps - 1), 3),
         "tokens_per_s": round(timings.decoder_steps / dec_s, 2) if dec_s else None,
         "generation_s": round(gen_s, 4),
+        "time_to_first_audio_s": round(timings.first_audio_s, 4),
+        "streaming": {"window_frames": window, "overlap_frames": overlap, "chunks": chunks} if stream else None,
         "audio_s": round(audio_s, 4),
         "rtf": round(gen_s / audio_s, 4),
         "peak_rss_bytes": peak_rss_bytes(),

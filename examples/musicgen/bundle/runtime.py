@@ -14,12 +14,13 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 
 from kdq.errors import KdqError, bad_value
 from musicgen.bundle.parts import PARTS, SUFFIX, part_file, plan_dtype
+from musicgen.bundle.streaming import check_stream_args, stream_decode
 
 MIN_FRAMES = 7  # EnCodec's first conv (kernel 7) pads by reflection; below 7 frames PyTorch pads differently
 _NP = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64, "tensor(bool)": np.bool_}
@@ -91,6 +92,7 @@ class Timings:
 
     stages: dict[str, float] = field(default_factory=dict)
     decoder_steps: int = 0
+    first_audio_s: float | None = None  # from the start of generate/generate_stream to the first audio out
 
     def add(self, stage: str, seconds: float) -> None:
         self.stages[stage] = self.stages.get(stage, 0.0) + seconds
@@ -184,7 +186,37 @@ class MusicgenOnnx:
         (audio,) = self.sessions["encodec_decode"].run(None, {"audio_codes": codes[None].astype(np.int64)})
         return audio.astype(np.float32)
 
-    def generate_codes(
+    def generate_codes(self, hidden: np.ndarray, mask: np.ndarray, *, max_new_tokens: int, **kwargs) -> np.ndarray:
+        """The decoder loop: returns audio codes (B, K, frames), frames = max_new_tokens - (K - 1).
+
+        ``kwargs``: ``guidance_scale``, ``do_sample``, ``temperature``, ``top_k``, ``top_p``, ``seed``,
+        ``timings``, ``progress`` (a tqdm bar over decoder steps, on stderr); see ``_steps``.
+        """
+        for ids, pattern in self._steps(hidden, mask, max_new_tokens=max_new_tokens, **kwargs):
+            pass
+        ids = apply_delay_pattern(ids, pattern)
+        keep = ids != self.pad_token_id
+        return ids[keep].reshape(hidden.shape[0], self.num_codebooks, -1)
+
+    def code_frames(self, hidden: np.ndarray, mask: np.ndarray, *, max_new_tokens: int, **kwargs) -> Iterator[np.ndarray]:
+        """The decoder loop, yielding each code frame ``[B, K]`` as soon as all its codebooks exist.
+
+        Under the delay pattern codebook ``c`` of frame ``f`` is sampled at step ``f + c``, so frame
+        ``f`` is complete after step ``f + K - 1``; the frames equal ``generate_codes``'s.
+        """
+        k = self.num_codebooks
+        frames = max_new_tokens - (k - 1)
+        b = hidden.shape[0]
+        f = 0
+        for ids, pattern in self._steps(hidden, mask, max_new_tokens=max_new_tokens, **kwargs):
+            step = ids.shape[1] - 2  # ids holds the start token and one token per step so far
+            if f + k - 1 <= step and f < frames:
+                full = apply_delay_pattern(ids, pattern).reshape(b, k, -1)
+                while f + k - 1 <= step and f < frames:
+                    yield np.stack([full[:, c, f + c + 1] for c in range(k)], axis=1)
+                    f += 1
+
+    def _steps(
         self,
         hidden: np.ndarray,
         mask: np.ndarray,
@@ -198,11 +230,9 @@ class MusicgenOnnx:
         seed: int | None = None,
         timings: Timings | None = None,
         progress: bool = False,
-    ) -> np.ndarray:
-        """The decoder loop: returns audio codes (B, K, frames), frames = max_new_tokens - (K - 1).
-
-        ``progress`` shows a tqdm bar over decoder steps (on stderr).
-        """
+    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """The decoder loop itself: yields ``(ids, delay pattern)`` after every step (ids before the
+        pattern is applied: ``(B * K, 1 + steps so far)``)."""
         k = self.num_codebooks
         least = k - 1 + MIN_FRAMES
         if max_new_tokens < least:
@@ -285,9 +315,7 @@ class MusicgenOnnx:
             ids = np.concatenate([ids, nxt[:, None].astype(np.int64)], 1)
             timings.add("decoder_first_step" if step == 0 else "decoder_cached_steps", time.perf_counter() - t0)
             timings.decoder_steps += 1
-        ids = apply_delay_pattern(ids, pattern)
-        keep = ids != self.pad_token_id
-        return ids[keep].reshape(b, k, -1)
+            yield ids, pattern
 
     def generate(self, prompts: str | Sequence[str], *, max_new_tokens: int, timings: Timings | None = None, **kwargs) -> np.ndarray:
         """Prompts -> float32 audio (B, channels, samples). ``kwargs`` go to ``generate_codes``."""
@@ -295,7 +323,7 @@ class MusicgenOnnx:
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if not prompts or not all(isinstance(x, str) for x in prompts):
             raise bad_value(GenerationArgError, "prompts", prompts, "a string or a non-empty list of strings")
-        t = time.perf_counter()
+        t_start = t = time.perf_counter()
         ids, mask = self.tokenize(prompts)
         timings.add("tokenize", time.perf_counter() - t)
         t = time.perf_counter()
@@ -305,4 +333,46 @@ class MusicgenOnnx:
         t = time.perf_counter()
         audio = self.decode_audio(codes)
         timings.add("encodec_decode", time.perf_counter() - t)
+        timings.first_audio_s = time.perf_counter() - t_start
         return audio
+
+    def generate_stream(
+        self,
+        prompt: str,
+        *,
+        max_new_tokens: int,
+        window: int = 50,
+        overlap: int = 10,
+        fade: str = "linear",
+        timings: Timings | None = None,
+        **kwargs,
+    ) -> Iterator[np.ndarray]:
+        """One prompt -> float32 audio chunks ``(1, channels, n)`` while the decoder generates.
+
+        EnCodec decodes windows of ``window`` code frames that overlap by ``overlap`` frames, cross-faded
+        (``musicgen.bundle.streaming.stream_decode``); the first chunk comes after ``window + K - 1``
+        decoder steps instead of all of them. ``kwargs`` go to ``generate_codes``. ``timings`` gets
+        ``first_audio_s`` and the windowed decodes under ``encodec_decode``.
+        """
+        if not isinstance(prompt, str):
+            raise bad_value(GenerationArgError, "prompt", prompt, "one prompt (a str): streaming plays one clip")
+        check_stream_args(window, overlap, fade, min_frames=MIN_FRAMES)
+        timings = timings if timings is not None else Timings()
+        t_start = time.perf_counter()
+        ids, mask = self.tokenize([prompt])
+        timings.add("tokenize", time.perf_counter() - t_start)
+        t = time.perf_counter()
+        hidden = self.encode_text(ids, mask)
+        timings.add("text_encoder", time.perf_counter() - t)
+
+        def decode(codes: np.ndarray) -> np.ndarray:
+            t = time.perf_counter()
+            audio = self.decode_audio(codes)  # codes [1, K, t]: one clip
+            timings.add("encodec_decode", time.perf_counter() - t)
+            return audio
+
+        frames = (f[0] for f in self.code_frames(hidden, mask, max_new_tokens=max_new_tokens, timings=timings, **kwargs))
+        for chunk in stream_decode(frames, decode, window=window, overlap=overlap, fade=fade, min_frames=MIN_FRAMES):
+            if timings.first_audio_s is None:
+                timings.first_audio_s = time.perf_counter() - t_start
+            yield chunk
