@@ -286,6 +286,7 @@ def test_resume_refuses_changed_settings_and_ignores_half_written_checkpoints(wo
     assert not junk.exists() or json.loads((out / "checkpoints" / "latest.json").read_text())["step"] == 2
 
 
+@pytest.mark.slow
 def test_sigkill_mid_run_then_resume_is_bit_exact(world, tmp_path):
     """A run killed with SIGKILL and resumed ends with exactly the weights of an uninterrupted run."""
     args = _set(steps=8, micro_batch=4, warmup_steps=2, checkpoint_every=2, lr=3e-3)
@@ -320,6 +321,7 @@ def test_sigkill_mid_run_then_resume_is_bit_exact(world, tmp_path):
     assert la == lb  # the curve was trimmed to the checkpoint and continued: one line per step
 
 
+@pytest.mark.slow
 def test_ddp_two_processes_match_one(world, tmp_path):
     """torchrun with 2 CPU processes on gloo (micro-batch 2 each) = 1 process with micro-batch 4."""
     def args(mb: int) -> list[str]:

@@ -295,3 +295,14 @@ def test_main_renders_intervals_and_paired_comparisons(tmp_path, capsys):
     assert "Paired comparisons" in text and "distillation against CE" in text
     assert "-0.04 [-0.07, -0.01]" in text and "+0.02 [-0.05, 0.09] within noise" in text
     assert "key accuracy of the real test clips 0.540 (chance 0.042)" in text
+
+
+def test_audio_embeds_a_spread_of_prompts_not_all(tmp_path, monkeypatch):
+    import musicgen.report as report
+
+    results = _results(tmp_path)
+    monkeypatch.setattr(report, "AUDIO_PROMPTS", 1)
+    page = report.render(results, tmp_path)
+    c = _parse(page)
+    assert c.prompts == [5]  # one prompt's players, not every prompt's (150 x 7 made a 90 MB page)
+    assert "1 of 2 prompts; every clip is on disk" in " ".join(c.text)

@@ -513,16 +513,28 @@ def _wav_uri(path: Path) -> str | None:
     return "data:audio/wav;base64," + base64.b64encode(path.read_bytes()).decode()
 
 
+#: prompts whose clips the report embeds (evenly spaced over the prompts; the rest stay on disk)
+AUDIO_PROMPTS = 12
+
+
 def _audio(results: dict, root: Path) -> str:
-    """Per prompt, a grid of players (one per variant) that wraps to the page's width."""
+    """Per prompt, a grid of players (one per variant) that wraps to the page's width; at most
+    ``AUDIO_PROMPTS`` prompts, evenly spaced, so the page stays small enough to send (150 prompts x 7
+    variants embedded made a 90 MB page)."""
     prompts = results.get("prompts") or []
     variants = results.get("variants", {})
     names = [n for n in [*VARIANTS, *variants] if n in variants and variants[n].get("samples")]
     names = list(dict.fromkeys(names))
     if not prompts or not names:
         return '<section id="audio"><h2>Listen</h2><p class="skip">no samples in results</p></section>'
+    n = min(AUDIO_PROMPTS, len(prompts))
+    shown = sorted({round(j * (len(prompts) - 1) / max(1, n - 1)) for j in range(n)})
+    note = (f"<p class='note'>{len(shown)} of {len(prompts)} prompts; every clip is on disk beside results.json "
+            f"(<code>{html.escape(str(Path(variants[names[0]]['samples'][0]).parent.parent))}/</code>).</p>"
+            if len(shown) < len(prompts) else "")
     blocks = []
-    for i, prompt in enumerate(prompts):
+    for i in shown:
+        prompt = prompts[i]
         cells = []
         for n in names:
             samples = variants[n]["samples"]
@@ -531,7 +543,7 @@ def _audio(results: dict, root: Path) -> str:
             cells.append(f'<div class="player"><code>{html.escape(n)}</code>{player}</div>')
         blocks.append(f'<div class="prompt"><p><b>{i + 1}.</b> {html.escape(prompt)}</p>'
                       f'<div class="players">{"".join(cells)}</div></div>')
-    return '<section id="audio"><h2>Listen: the same prompts across variants</h2>' + "".join(blocks) + "</section>"
+    return '<section id="audio"><h2>Listen: the same prompts across variants</h2>' + note + "".join(blocks) + "</section>"
 
 
 def _environment(results: dict) -> str:
