@@ -146,7 +146,8 @@ class _Ramp(Schedule):
 
     def lower_bound(self) -> float:
         # monotone in the step: the extremes over steps >= 0 are the value at 0 and the end value
-        return min(self(0.0), self(self.begin + self.steps))
+        # (the end value at progress exactly 1: at begin + steps, float rounding can leave it at 1 - 1e-16)
+        return min(self(0.0), self(math.inf))
 
     def __repr__(self) -> str:
         a, b = _fmt(self.begin), _fmt(self.begin + self.steps)

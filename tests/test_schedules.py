@@ -6,7 +6,7 @@ import json
 import math
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from kdq.errors import KdqError
@@ -171,6 +171,7 @@ def test_lower_bound():
 
 @settings(max_examples=60, deadline=None)
 @given(ANY, st.lists(st.floats(0, 3e4), min_size=1, max_size=20))
+@example(Linear(1.0, 0.0, 1.0, 4095.1410007000163), [0.0])  # found by hypothesis: the bound was 4.5e-13, not 0
 def test_prop_lower_bound_is_a_lower_bound(schedule, steps):
     low = schedule.lower_bound()
     assert all(schedule(x) >= low - 1e-9 * (1 + abs(low)) for x in steps + [0.0, 1e9])
