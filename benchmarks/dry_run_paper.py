@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> dict:
            "--teacher", str(teacher), "--student", str(student), "--dataset", a.data, "--out", str(work / "run"),
            "--clips", "4", "--clip-seconds", "1", "--steps", "2", "--micro-batch", "1", "--grad-accum", "1",
            "--warmup", "0.5", "--no-progress",
-           "--set", "plan.granularity=part", "plan.calibration_clips=1", "eval.prompts=1", "eval.seconds=0.5",
+           "--set", "plan.granularity=part", "plan.calibration_clips=1", "eval.prompts=2", "eval.seconds=0.5",
            "eval.clap_mini_steps=0", "export.device_seconds=0.5"]
     t1 = time.perf_counter()
     proc = subprocess.run(["/usr/bin/time", "-v", *cmd], capture_output=True, text=True)

@@ -212,6 +212,7 @@ def no_network(monkeypatch):
     (["--clips", "8"], "paper preset"),
     (["--warmup", "1.5"], "[0, 1)"),
     (["--warmup", "0.1", "--set", "distill.train.warmup_steps=3"], "not both"),
+    (["--set", "eval.prompts=1"], "at least 2"),  # the real-size dry run died in evaluate after 11 minutes
 ])
 def test_argument_errors_exit_2_with_one_line_before_any_work(argv, words, capsys, tmp_path):
     """Regression: the paper preset without --dataset exited 0 with every stage skipped; argparse's

@@ -441,6 +441,16 @@ class EvalConfig(Config):
     max_eval_clips: int = 500
     clap: str | None = None
 
+    def validate(self) -> None:
+        # an interval resamples clips: one generated clip has none (the dry run at real sizes found it
+        # as "generated units=1 is not allowed" after 11 minutes of work)
+        if isinstance(self.prompts, bool) or not isinstance(self.prompts, int) or self.prompts < 0 or self.prompts == 1:
+            raise bad_value(ConfigError, "EvalConfig.prompts", self.prompts,
+                            "0 (every test caption) or at least 2 (the bootstrap intervals resample clips)")
+        if isinstance(self.bootstrap, bool) or not isinstance(self.bootstrap, int) or self.bootstrap < 10:
+            raise bad_value(ConfigError, "EvalConfig.bootstrap", self.bootstrap, "an integer >= 10 (resamples per interval)")
+        _positive_ints(self, "batch", "max_eval_clips")
+
 
 @dataclass(frozen=True)
 class Preset(Config):
