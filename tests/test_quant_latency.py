@@ -11,7 +11,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
@@ -79,6 +79,10 @@ _TIES = {"sensitivity": ("sensitivity", "bytes", "latency"), "bytes": ("bytes", 
     objective=st.sampled_from(RESOURCES),
     fracs=st.dictionaries(st.sampled_from(RESOURCES), st.one_of(st.floats(0, 1), st.just(-1.0)), max_size=3),
 )
+@example(  # found by hypothesis: no two of the three zero budgets are reachable together; the message named no value
+    p=(np.array([[0.0, 0.0, 0.0], [0.0, 0.0, 0.0], [0.0, math.inf, 0.25]]), np.array([[2, 1, 1], [1, 1, 1], [2, 1, 1]]),
+       np.array([[0.0, 0.25, math.inf], [0.0, math.inf, math.inf], [1.0, math.inf, 0.0]]), 0, 0.0),
+    objective="sensitivity", fracs={"sensitivity": 0.0, "bytes": 0.0, "latency": 0.0})
 def test_every_objective_and_budget_combination_equals_brute_force(p, objective, fracs):
     s, b, lat, rest, rest_lat = p
     budgets = _budgets(p, fracs)

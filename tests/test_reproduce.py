@@ -291,8 +291,8 @@ def test_size_knobs_map_onto_the_config(user, tmp_path):
     assert p.distill.train.warmup_steps == 2  # still 5%
     _, p = parse([*_paper(user), "--steps", "40", "--set", "distill.train.warmup_steps=3", *out])
     assert p.distill.train.warmup_steps == 3  # said explicitly: kept
-    _, p = parse(["--preset", "smoke", "--set", "distill.train.steps=3", "eval.prompts=1", "--steps", "4", *out])
-    assert p.distill.train.steps == 4 and p.eval.prompts == 1 and p.name == "smoke"
+    _, p = parse(["--preset", "smoke", "--set", "distill.train.steps=3", "eval.prompts=3", "--steps", "4", *out])
+    assert p.distill.train.steps == 4 and p.eval.prompts == 3 and p.name == "smoke"
     _, p = parse(["--preset", "mini", "--clip-seconds", "3", *out])
     assert p.data.clip_seconds == 3.0
 
@@ -300,7 +300,7 @@ def test_size_knobs_map_onto_the_config(user, tmp_path):
 def test_the_recorded_command_reproduces_the_preset(user, tmp_path):
     """Regression: a run made with overrides recorded a command without them."""
     out = tmp_path / "run"
-    p = override(preset("smoke"), {"distill.train.steps": 3, "eval.prompts": 1, "data.pieces": {"bach": 2},
+    p = override(preset("smoke"), {"distill.train.steps": 3, "eval.prompts": 3, "data.pieces": {"bach": 2},
                                    "plan.candidates": ["fp32", "int8"], "export.enabled": False})
     assert parse(shlex.split(command_for(p, out))[2:])[1] == p
     _, q = parse([*_paper(user), *SMALL_RECIPE, "--set", "data.text_column=text", "--out", str(out)])

@@ -384,6 +384,13 @@ class _Resources:
             hints.append(f"within the other limits the least reachable {r} is {_num(r, v)}")
         if hints:
             return msg + "; " + "; ".join(hints) + "; relax one of them"
+        alone = []  # no budget is reachable within the others: say what each reaches on its own
+        for r in budgets:
+            ch = _lexicographic([self.coeff[r]], list(self.rows_extra), self.allowed)
+            if ch is not None:
+                alone.append(f"the least reachable {r} alone is {_num(r, self.totals(ch).value(r))}")
+        if alone:
+            return msg + "; the limits cannot be met even two at a time; " + "; ".join(alone) + "; relax them"
         return msg + "; the other limits cannot be met together either; relax them"
 
 
