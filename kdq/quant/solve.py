@@ -447,7 +447,7 @@ def pareto_frontier(
     from its least to its largest reachable total, dominated points removed; cheap, but may skip
     frontier points between budgets. ``points=None``: the whole frontier, exactly, by the
     epsilon-constraint walk: start from the lexicographic minimum of ``(y, x)``; then, while feasible,
-    solve again with ``x <= x_prev - delta`` (``delta`` = 1 byte, or ``1e-9`` of ``x``'s range for a
+    solve again with ``x <= x_prev - delta`` (``delta`` = 1 byte, or ``1e-6`` of ``x``'s range for a
     float resource, at least 4e-12 of its magnitude; points closer than that merge). Each step gives the next non-dominated point (its ``y`` is strictly larger, since
     a point with the same ``y`` and smaller ``x`` would have won the previous step), so the walk makes
     one solve per frontier point plus one.
@@ -476,7 +476,9 @@ def pareto_frontier(
         budget = None
         # Strictly below the previous point, by more than the 1e-12 relative slack a budget row gets.
         scale = max(1.0, abs(res.least(x)), abs(res.most(x)))
-        delta = 1.0 if x == "bytes" else max(1e-9 * (res.most(x) - res.least(x)), 4e-12 * scale)
+        # 1e-6 of the range, not less: with a budget within ~1e-9 of a reachable total HiGHS returned a
+        # worse point as optimal (hypothesis found it; the exact check and polish could not recover it)
+        delta = 1.0 if x == "bytes" else max(1e-6 * (res.most(x) - res.least(x)), 4e-12 * scale)
         while True:
             try:
                 sol = res.solve({} if budget is None else {x: budget}, order)
