@@ -42,8 +42,6 @@ def cpu_info() -> dict:
     model, flags = platform.processor(), []
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name") and not model.strip():
-                model = line.split(":", 1)[1].strip()
             if line.startswith("model name"):
                 model = line.split(":", 1)[1].strip()
             if line.startswith("flags"):
@@ -161,7 +159,7 @@ def main(argv: list[str] | None = None) -> dict:
                        "sensitivity": pm["measured_sensitivity"], **timed["paper_plan"]},
         "kdq_latency_plan": {"assignments": dict(fast.assignments), "bytes": int(fm["measured_bytes"]),
                              "sensitivity": fm["measured_sensitivity"],
-                             "predicted_latency_s": fast.predicted.get("latency") if hasattr(fast, "predicted") else None,
+                             "predicted_latency_s": fast.predicted.get("latency"),
                              **timed["kdq_latency_plan"]},
         "speedup_over_paper_plan": timed["paper_plan"]["generation_s"] / timed["kdq_latency_plan"]["generation_s"],
         "fp32": {"rtf": fp32["rtf"], "generation_s": fp32["generation_s"], "bundle_bytes": fp32["bundle_bytes"]},

@@ -92,7 +92,6 @@ def main(argv: list[str] | None = None) -> dict:
                                  for k, v in (r["ort"].get("device_runs") or {}).items()}
         result["parity_max_abs"] = r["ort"].get("parity_max_abs")
         result["planner"] = {k: r["planner"][k] for k in ("paper_plan", "kdq_plan") if k in r["planner"]}
-        result["planner"] = json.loads(json.dumps(result["planner"], default=str))
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(result, indent=1, default=str))
     print(json.dumps({k: v for k, v in result.items() if k != "stderr_tail"}, indent=1, default=str))

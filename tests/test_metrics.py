@@ -12,6 +12,7 @@ from kdq.metrics import (
     FrechetNumericalError,
     ScoreError,
     clap_score,
+    clap_scores,
     frechet_bootstrap,
     frechet_distance,
     frechet_distance_from_stats,
@@ -183,6 +184,7 @@ def test_clap_score_is_mean_paired_cosine():
     t = np.array([[1.0, 0.0], [0.0, 2.0], [1.0, 1.0]])
     a = np.array([[2.0, 0.0], [0.0, -1.0], [1.0, 0.0]])
     assert clap_score(t, a) == pytest.approx((1.0 - 1.0 + np.sqrt(0.5)) / 3)
+    np.testing.assert_allclose(clap_scores(t, a), [1.0, -1.0, np.sqrt(0.5)])  # per prompt, hand-computed
     with pytest.raises(ScoreError, match="one clip per prompt"):
         clap_score(t, a[:2])
     with pytest.raises(ScoreError, match="all-zero"):

@@ -27,6 +27,7 @@ from kdq.metrics.paired import PairedBootstrapError, PairedEstimate, paired_boot
 from kdq.metrics.scores import (
     ScoreError,
     clap_score,
+    clap_scores,
     cosine_matrix,
     retention,
     retention_table,
@@ -44,6 +45,7 @@ __all__ = [
     "PairedEstimate",
     "ScoreError",
     "clap_score",
+    "clap_scores",
     "cosine_matrix",
     "frechet_bootstrap",
     "frechet_distance",

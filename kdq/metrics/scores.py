@@ -49,6 +49,17 @@ def cosine_matrix(queries: np.ndarray, keys: np.ndarray) -> np.ndarray:
     return _normalize(q, "queries") @ _normalize(k, "keys").T
 
 
+def clap_scores(text_embeddings: np.ndarray, audio_embeddings: np.ndarray) -> np.ndarray:
+    """Per-prompt cosine similarity [N] between row i of ``text_embeddings`` and row i of
+    ``audio_embeddings`` (what ``clap_score`` averages; what a bootstrap over prompts resamples)."""
+    t, a = _rows(text_embeddings, "text_embeddings"), _rows(audio_embeddings, "audio_embeddings")
+    if t.shape != a.shape:
+        raise bad_value(
+            ScoreError, "audio_embeddings.shape", a.shape, f"{t.shape} to match text_embeddings (one clip per prompt)"
+        )
+    return np.sum(_normalize(t, "text_embeddings") * _normalize(a, "audio_embeddings"), axis=1)
+
+
 def clap_score(text_embeddings: np.ndarray, audio_embeddings: np.ndarray) -> float:
     """Mean cosine similarity between row i of ``text_embeddings`` and row i of ``audio_embeddings``.
 
@@ -56,12 +67,7 @@ def clap_score(text_embeddings: np.ndarray, audio_embeddings: np.ndarray) -> flo
     text embedding of prompt i and the audio embedding of the clip generated from it, both from the
     same joint text-audio model (shapes [N, D]). Range [-1, 1]; higher is better.
     """
-    t, a = _rows(text_embeddings, "text_embeddings"), _rows(audio_embeddings, "audio_embeddings")
-    if t.shape != a.shape:
-        raise bad_value(
-            ScoreError, "audio_embeddings.shape", a.shape, f"{t.shape} to match text_embeddings (one clip per prompt)"
-        )
-    return float(np.mean(np.sum(_normalize(t, "text_embeddings") * _normalize(a, "audio_embeddings"), axis=1)))
+    return float(np.mean(clap_scores(text_embeddings, audio_embeddings)))
 
 
 def retrieval_recall(

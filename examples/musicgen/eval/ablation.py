@@ -104,7 +104,7 @@ class Judges:
 
     def score(self, audio: list[np.ndarray], prompts: list[str]) -> tuple[dict, dict]:
         """(the row's figures, the per-item values the comparisons resample)."""
-        from kdq.metrics import frechet_bootstrap, kad_bootstrap
+        from kdq.metrics import clap_scores, frechet_bootstrap, kad_bootstrap
         from musicgen.eval.instrument import instrument_accuracy
         from musicgen.eval.music import key_accuracy
 
@@ -118,8 +118,7 @@ class Judges:
             row.update({f"fad_{e.key}": fad.value, f"fad_{e.key}_ci": _interval(fad),
                         f"kad_{e.key}": kad.value, f"kad_{e.key}_ci": _interval(kad)})
             if e.has_text:
-                t, a = e.embed_text(prompts), e.embed(audio, self.sr)
-                cos = (t * a).sum(1) / (np.linalg.norm(t, axis=1) * np.linalg.norm(a, axis=1))
+                cos = clap_scores(e.embed_text(prompts), e.embed(audio, self.sr))
                 items[f"clap_{e.key}"] = cos
                 row[f"clap_score_{e.key}"] = float(cos.mean())
                 row[f"clap_score_{e.key}_ci"] = _mean_interval(cos, self.n_boot, self.seed)
