@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from musicgen.eval.music import (
+    ChromaEmbedder,
     KEY_PROFILES,
     MIDI_RANGE,
     Key,
@@ -295,6 +296,22 @@ def test_mel_chroma_embedder_shapes_and_interface():
     up = [render([(p, 0, 2.0)], 2.0, sr=32000) for p in (60, 61)]  # 32 kHz input is resampled
     e32 = emb.embed(up, 32000)
     assert [int(np.argmax(e[64:])) for e in e32] == [0, 1]  # the chroma part sees the semitone
+
+
+def test_chroma_embedder_is_the_pitch_part_of_mel_chroma_and_ignores_gain():
+    emb, full = ChromaEmbedder(), MelChromaEmbedder()
+    assert (emb.key, emb.proxy) == ("chroma", False)
+    clips = [_progression(0, 2.0), _progression(1, 3.0)]
+    frames = emb.embed_frames(clips, SR)
+    for f, g in zip(frames, full.embed_frames(clips, SR)):
+        assert f.shape == (g.shape[0], 12)
+        np.testing.assert_array_equal(f, g[:, 64:])
+    loud = emb.embed_frames([4.0 * c for c in clips], SR)  # pitch-class shares: no loudness
+    for f, g in zip(frames, loud):
+        np.testing.assert_allclose(f, g, atol=1e-5)
+    assert not np.allclose(full.embed_frames([4.0 * clips[0]], SR)[0], full.embed_frames([clips[0]], SR)[0], atol=0.1)
+    tones = [render([(p, 0, 2.0)], 2.0, sr=SR) for p in (60, 61)]
+    assert [int(np.argmax(e)) for e in emb.embed(tones, SR)] == [0, 1]
 
 
 def test_log_mel_peak_band_holds_the_tone():

@@ -384,7 +384,7 @@ def _ablation(results: dict) -> str:
             continue
         if v.get("skipped") and v.get("bytes") is None:
             rows.append([f"<code>{name}</code>", html.escape(VARIANTS.get(name, "")),
-                         f'<span class="skip">skipped: {html.escape(str(v["skipped"]))}</span>', "", "", "", "", "", "", ""])
+                         f'<span class="skip">skipped: {html.escape(str(v["skipped"]))}</span>', *[""] * 8])
             continue
         size = _pct(1 - v["bytes"] / fp32) if fp32 and v.get("bytes") else "n/a"
         ret = v.get("retention") or {}
@@ -393,7 +393,8 @@ def _ablation(results: dict) -> str:
         fad_ci = v.get(f"fad_{v.get('fad_embedder')}_ci")
         clap_ci = v.get(f"clap_score_{v.get('clap_embedder')}_ci")
         rows.append([f"<code>{name}</code>", html.escape(VARIANTS.get(name, "")) + extra, _mb(v.get("bytes")), size,
-                     _with_ci(v.get("fad"), fad_ci), _with_ci(v.get("clap"), clap_ci),
+                     _with_ci(v.get("fad"), fad_ci), _with_ci(v.get("fad_chroma"), v.get("fad_chroma_ci")),
+                     _with_ci(v.get("clap"), clap_ci),
                      _with_ci(v.get("key_accuracy"), v.get("key_accuracy_ci")),
                      _with_ci(v.get("instrument_accuracy"), v.get("instrument_accuracy_ci")),
                      _fmt(v.get("nll")), _fmt(v.get("nll_cb0")), _fmt(v.get("kl_teacher"), 4), ret_s])
@@ -402,7 +403,8 @@ def _ablation(results: dict) -> str:
     ceil_s = "; ".join(f"{k.replace('_', ' ')} of the real test clips {_fmt(ceil[k])} (chance {_fmt(ceil.get(k + '_chance'))})"
                        for k in ("key_accuracy", "instrument_accuracy") if k in ceil)
     return ('<section id="ablation"><h2>Ablation</h2>'
-            + _table(["variant", "what", "bytes", "smaller than student fp32", "FAD [95% interval]", "CLAP",
+            + _table(["variant", "what", "bytes", "smaller than student fp32", "FAD [95% interval]",
+                      "FAD chroma (pitch)", "CLAP",
                       "key accuracy", "instrument accuracy", "held-out NLL (nats/token)", "NLL codebook 1",
                       "KL to teacher", "retention"], rows, "ablation")
             + (f"<p class='note'>Ceilings: {html.escape(ceil_s)}.</p>" if ceil_s else "")
@@ -418,7 +420,8 @@ def _with_ci(value: Any, ci: Any) -> str:
 
 
 #: the paired comparisons' metrics shown in the report, in order (label, key in the comparison)
-COMPARISON_METRICS = (("FAD mel-chroma", "fad_mel-chroma"), ("KAD mel-chroma", "kad_mel-chroma"), ("NLL", "nll"),
+COMPARISON_METRICS = (("FAD mel-chroma", "fad_mel-chroma"), ("KAD mel-chroma", "kad_mel-chroma"),
+                      ("FAD chroma (pitch)", "fad_chroma"), ("NLL", "nll"),
                       ("key acc.", "key_accuracy"), ("instrument acc.", "instrument_accuracy"),
                       ("CLAP proxy", "clap_clap-mini-proxy"))
 

@@ -169,14 +169,14 @@ def evaluate_stage(p: Preset, specs: dict, data: dict, tokens: dict, ctx: Contex
     from musicgen.eval.ablation import Judges, evaluate_variants
     from musicgen.eval.instrument import InstrumentClassifier
     from musicgen.eval.metrics import label, offline_embedders
-    from musicgen.eval.music import MelChromaEmbedder
+    from musicgen.eval.music import ChromaEmbedder, MelChromaEmbedder
 
     cfg = p.eval
     clips = read_split(data["root"], "test", text_column=getattr(p.data, "text_column", "text"))[: cfg.max_eval_clips]
     prompts = [c.text for c in clips] if not cfg.prompts else (list(dict.fromkeys(c.text for c in clips)) * cfg.prompts)[: cfg.prompts]
     sr = tokens["sample_rate"]
     embedders, missing = offline_embedders(codec=specs["teacher"][0], clap_mini=ctx.inputs["clap_mini"]["folder"], clap=cfg.clap)
-    embedders = [MelChromaEmbedder(), *embedders]
+    embedders = [MelChromaEmbedder(), ChromaEmbedder(), *embedders]
     folder = ctx.inputs["instrument"]["folder"]
     judges = Judges(embedders, [load_audio(c.path, sr) for c in clips], [c.text for c in clips], sr,
                     InstrumentClassifier.load(folder) if folder else None, n_boot=cfg.bootstrap, seed=p.seed)

@@ -9,8 +9,9 @@ fresh copy, so its bytes are real storage.
 For each variant, on the same prompts (every test caption) with the same seeds:
 
 - bytes; teacher-forced held-out NLL and KL to the teacher on the test codes (``eval.heldout``);
-- for each embedder (model-free ``mel-chroma``, the codec's latents, the ``clap-mini`` proxy...): FAD
-  and KAD against the test clips, each with a bootstrap interval over clips;
+- for each embedder (model-free ``mel-chroma`` and its pitch part ``chroma``, the codec's latents,
+  the ``clap-mini`` proxy...): FAD and KAD against the test clips, each with a bootstrap interval
+  over clips;
 - CLAP score (the proxy's mean text-audio cosine), key accuracy (``eval.music``: the key estimated
   from the clip's chroma against the key its caption names; ceiling: the real test clips' own
   accuracy, chance 1/24), instrument accuracy (``eval.instrument``: a classifier trained on the
@@ -240,7 +241,7 @@ def ablation_note(variants: dict, comparisons: dict | None = None) -> str:
     for key, c in (comparisons or {}).items():
         a, b = c["a"], c["b"]
         parts = []
-        for metric in ("fad_mel-chroma", "kad_mel-chroma", "nll", "kl_teacher", "key_accuracy", "instrument_accuracy",
+        for metric in ("fad_mel-chroma", "kad_mel-chroma", "fad_chroma", "kad_chroma", "nll", "kl_teacher", "key_accuracy", "instrument_accuracy",
                        "clap_clap-mini-proxy"):
             est = c.get(metric)
             if not est or (metric == "kl_teacher" and "teacher" in (a, b)):
