@@ -28,13 +28,11 @@ import argparse
 import json
 import os
 import platform
-import re
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections import defaultdict
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,95 +40,6 @@ sys.path.insert(0, str(ROOT / "examples"))
 sys.path.insert(0, str(ROOT))
 
 PROMPT = "lively folk dance with violin and flute"
-
-# what each op type is, for the summary table (anything else is "other")
-CATEGORY = {
-    "MatMulNBits": "weight matmul", "DynamicQuantizeMatMul": "weight matmul", "MatMulIntegerToFloat": "weight matmul",
-    "MatMulInteger": "weight matmul", "DynamicQuantizeLinear": "activation quantize", "FusedMatMul": "weight matmul",
-    "Gemm": "weight matmul", "Softmax": "attention (scores, softmax, values)", "MultiHeadAttention": "attention (scores, softmax, values)",
-    "Attention": "attention (scores, softmax, values)", "Concat": "KV cache concat",
-    "LayerNormalization": "layer norm", "SkipLayerNormalization": "layer norm", "SimplifiedLayerNormalization": "layer norm",
-    "Gelu": "GELU", "BiasGelu": "GELU", "FastGelu": "GELU", "Erf": "GELU",
-    "Transpose": "reshape / transpose / copies", "Reshape": "reshape / transpose / copies",
-    "Unsqueeze": "reshape / transpose / copies", "Squeeze": "reshape / transpose / copies",
-    "Identity": "reshape / transpose / copies", "Expand": "reshape / transpose / copies", "Cast": "reshape / transpose / copies",
-    "Shape": "shape bookkeeping", "Gather": "shape bookkeeping", "Slice": "shape bookkeeping", "Range": "shape bookkeeping",
-    "Equal": "shape bookkeeping", "Where": "shape bookkeeping", "ConstantOfShape": "shape bookkeeping",
-    "Add": "elementwise (add, mul, ...)", "Mul": "elementwise (add, mul, ...)", "Div": "elementwise (add, mul, ...)",
-    "Sub": "elementwise (add, mul, ...)", "Pow": "elementwise (add, mul, ...)", "Sqrt": "elementwise (add, mul, ...)",
-}
-
-
-def category(op: str, parameter_bytes: int) -> str:
-    if op == "MatMul":  # a MatMul with an initializer is a projection; without, attention's Q.K^T or P.V
-        return "weight matmul" if parameter_bytes > 0 else "attention (scores, softmax, values)"
-    if op == "Gather" and parameter_bytes > 1 << 20:
-        return "embedding gather"
-    return CATEGORY.get(op, "other")
-
-
-def node_key(name: str) -> str:
-    """A profiler node name without its layer index and the ``_kernel_time`` suffix."""
-    return re.sub(r"layers\.\d+", "layers.*", name.removesuffix("_kernel_time"))
-
-
-def aggregate(events: list[dict], skip_runs: int = 1) -> dict:
-    """Per-op and per-node time of the decoder runs after the first ``skip_runs`` (see the module doc)."""
-    runs = sorted((e for e in events if e.get("cat") == "Session" and e["name"] == "model_run"), key=lambda e: e["ts"])
-    nodes = sorted((e for e in events if e.get("cat") == "Node"), key=lambda e: e["ts"])
-    kept = runs[skip_runs:]
-    n = len(kept)
-    if n == 0:
-        raise ValueError("no cached decoder runs in the profile")
-    by_op: dict[str, float] = defaultdict(float)
-    calls: dict[str, int] = defaultdict(int)
-    by_cat: dict[str, float] = defaultdict(float)
-    by_node: dict[tuple[str, str], float] = defaultdict(float)
-    ifs = 0.0
-    inside_if = 0.0
-    run_total = sum(r["dur"] for r in kept)
-    j = 0
-    for r in kept:
-        start, end = r["ts"], r["ts"] + r["dur"]
-        while j < len(nodes) and nodes[j]["ts"] < start:
-            j += 1
-        in_run = []
-        k = j
-        while k < len(nodes) and nodes[k]["ts"] <= end:
-            in_run.append(nodes[k])
-            k += 1
-        if_events = [e for e in in_run if e["args"].get("op_name") == "If"]
-        for e in in_run:
-            op = e["args"].get("op_name", "?")
-            if op == "If":
-                ifs += e["dur"]
-                continue
-            if any(f["ts"] <= e["ts"] and e["ts"] + e["dur"] <= f["ts"] + f["dur"] for f in if_events):
-                inside_if += e["dur"]
-            pbytes = int(e["args"].get("parameter_size", 0) or 0)
-            by_op[op] += e["dur"]
-            calls[op] += 1
-            by_cat[category(op, pbytes)] += e["dur"]
-            by_node[(node_key(e["name"]), op)] += e["dur"]
-    nodes_total = sum(by_op.values())
-    by_cat["If (own)"] = ifs - inside_if
-    by_cat["run overhead"] = run_total - ifs if ifs else run_total - nodes_total
-
-    def ms(us: float) -> float:
-        return round(us / n / 1000, 4)
-
-    return {
-        "cached_runs": n,
-        "model_run_ms_per_step": ms(run_total),
-        "nodes_ms_per_step": ms(nodes_total),
-        "by_category": sorted(({"category": c, "ms_per_step": ms(v), "share": round(v / run_total, 4)} for c, v in by_cat.items()),
-                              key=lambda x: -x["ms_per_step"]),
-        "by_op": sorted(({"op": o, "ms_per_step": ms(v), "share": round(v / run_total, 4), "calls_per_step": calls[o] / n}
-                         for o, v in by_op.items()), key=lambda x: -x["ms_per_step"]),
-        "top_nodes": [{"node": k[0], "op": k[1], "ms_per_step": ms(v), "share": round(v / run_total, 4)}
-                      for k, v in sorted(by_node.items(), key=lambda kv: -kv[1])[:15]],
-    }
-
 
 def resolve_variant(spec: str, workdir: Path) -> tuple[str, Path, str | None]:
     name, _, rest = spec.partition("=")
@@ -141,6 +50,7 @@ def resolve_variant(spec: str, workdir: Path) -> tuple[str, Path, str | None]:
 def worker(args) -> None:
     import onnxruntime as ort
 
+    from musicgen.bundle.profiling import aggregate
     from musicgen.bundle.runtime import MusicgenOnnx, Timings
 
     dtypes = {"decoder_model_merged": args.dtype} if args.dtype else None
