@@ -5,7 +5,8 @@ tokens) in its own process: one warm-up generation, then one timed generation; v
 within each repeat, and the figure is the median over repeats of each run's mean cached step (the
 per-step median of each run is kept too). Rows go to a CSV (op, impl, shape, metric, median, p20, p80,
 machine, commit, load), the load average before each run is recorded, and every run's greedy codes are
-compared with the first variant's (``same_codes``): a loop change must not change the output.
+compared with its reference variant's (``same_codes``, see ``ref`` below): a loop change must not
+change the output.
 
 A variant is ``name=BUNDLE[:DTYPE][+KEY=VALUE...]`` with BUNDLE a folder under ``--workdir``,
 DTYPE the decoder file variant to load (``fp32``, ``q8``, ``q4``...) and KEYs:
@@ -15,7 +16,9 @@ DTYPE the decoder file variant to load (``fp32``, ``q8``, ``q4``...) and KEYs:
 - ``denormal=0|1``: ``session.set_denormal_as_zero``;
 - ``opt=disable|basic|extended|layout|all``: graph optimization level (default all);
 - ``ort=0|1``: load the ``.ort`` files (converted on demand, as ``device_run.py --ort-format``);
-- ``arena=0|1``: the CPU memory arena and memory patterns (0 = ``low_memory``, as ``device_run.py``).
+- ``arena=0|1``: the CPU memory arena and memory patterns (0 = ``low_memory``, as ``device_run.py``);
+- ``ref=NAME``: the variant whose greedy codes this one must reproduce (default: the first variant
+  over the same bundle folder; a variant with another decoder, e.g. another block size, is its own).
 
     flock /tmp/kdq-heavy.lock env PYTHONPATH=.:examples /work/main/.venv/bin/python benchmarks/bench_step.py \\
         --workdir /tmp/kdq-bench14/small --tokens 64 --repeats 5 \\
@@ -42,7 +45,7 @@ sys.path.insert(0, str(ROOT))
 RESULTS = ROOT / "benchmarks" / "results" / "step.csv"
 FIELDS = ["op", "impl", "shape", "metric", "median", "p20", "p80", "machine", "commit", "load"]
 PROMPT = "lively folk dance with violin and flute"
-KEYS = {"io", "spin", "denormal", "opt", "ort", "arena"}
+KEYS = {"io", "spin", "denormal", "opt", "ort", "arena", "ref"}
 
 
 def parse_variant(spec: str) -> dict:
@@ -132,7 +135,7 @@ def main() -> None:
     variants = [parse_variant(s) for s in args.variants.split(",")]
     env = {**os.environ, "PYTHONPATH": f"{ROOT}:{ROOT / 'examples'}", "OMP_NUM_THREADS": str(args.threads)}
     runs: dict[str, list[dict]] = {v["name"]: [] for v in variants}
-    reference = None
+    reference: dict = {}  # greedy codes of each variant's first run
     codes = Path(args.workdir) / "_bench_step_codes.npy"
     print(f"load before: {_load()}", flush=True)
     for r in range(args.repeats):
@@ -146,13 +149,15 @@ def main() -> None:
                 continue
             res = json.loads(proc.stdout.strip().splitlines()[-1])
             got = np.load(codes)
-            if reference is None:
-                reference = got
-            res["same_codes"] = bool(reference.shape == got.shape and (reference == got).all())
+            ref = v["opts"].get("ref") or next(w["name"] for w in variants if w["bundle"] == v["bundle"])
+            reference.setdefault(v["name"], got)
+            want = reference.get(ref)
+            res["same_codes"] = None if want is None else bool(want.shape == got.shape and (want == got).all())
+            res["ref"] = ref
             res["load"] = load
             runs[v["name"]].append(res)
             print(f"  repeat {r} {v['name']:<14} mean {res['mean_ms']:7.2f} ms  median {res['median_ms']:7.2f} ms  "
-                  f"first {res['first_ms']:7.1f} ms  same codes {res['same_codes']}  load {load}", flush=True)
+                  f"first {res['first_ms']:7.1f} ms  same codes as {res['ref']}: {res['same_codes']}  load {load}", flush=True)
     codes.unlink(missing_ok=True)
     rows = []
     shape = f"{args.size} N={args.tokens} B=1 cfg=3"
@@ -169,8 +174,8 @@ def main() -> None:
             rows.append({"op": f"step/{args.tag}" if args.tag else "step", "impl": spec, "shape": shape, "metric": metric,
                          "median": round(statistics.median(vals), 4), "p20": round(q[0], 4), "p80": round(q[3], 4),
                          "machine": machine, "commit": commit, "load": " | ".join(x["load"] for x in rs)})
-        rows.append({"op": f"step/{args.tag}" if args.tag else "step", "impl": spec, "shape": shape, "metric": "same_codes_as_first",
-                     "median": int(all(x["same_codes"] for x in rs)), "p20": "", "p80": "", "machine": machine,
+        rows.append({"op": f"step/{args.tag}" if args.tag else "step", "impl": spec, "shape": shape,
+                     "metric": f"same_codes_as_{rs[0]['ref']}", "median": int(all(x["same_codes"] for x in rs)), "p20": "", "p80": "", "machine": machine,
                      "commit": commit, "load": ""})
     base = None
     print(f"load after: {_load()}", flush=True)

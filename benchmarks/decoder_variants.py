@@ -2,9 +2,11 @@
 
 Reads ``WORKDIR/model`` (bench_generation.py's random model) and ``WORKDIR/graphs`` (its fp32 graphs,
 ``musicgen.bundle.build.export_graphs``), converts the two unmerged decoder graphs, merges them
-(``kdq.export.merge.merge_decoders``) and writes ``WORKDIR/bundle_NAME``: links to the text encoder,
-EnCodec, tokenizer and config of ``WORKDIR/bundle_BASE`` and the new decoder file under the name the
-base bundle's config asks for (pass ``:fp32`` to benchmarks that load an fp32 decoder).
+(``kdq.export.merge.merge_decoders``) and writes ``WORKDIR/bundle_NAME``: links to the int8 text
+encoder, EnCodec and tokenizer of ``WORKDIR/bundle_int8dec`` (``musicgen.bundle.build.export_bundle``
+with bench_generation.py's ``int8dec`` plan), its config with the decoder's dtype changed, and the new
+decoder file. With the default block size and accuracy level, ``--plan int4dec`` gives the decoder
+``export_bundle`` writes for bench_generation.py's ``int4dec`` plan (the same ``apply_plan_onnx`` call).
 
 - ``--plan fp32|int8dec|int4dec``: no conversion, or ``kdq.export.precision.apply_plan_onnx`` with
   bench_generation.py's plan (4-bit: ``--block-size``, ``--accuracy-level``);
@@ -36,7 +38,7 @@ sys.path.insert(0, str(ROOT / "examples"))
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-BASE = {"fp32": "int8dec", "int8dec": "int8dec", "int4dec": "int4dec"}
+PLANS = ("fp32", "int8dec", "int4dec")
 DECODERS = ("decoder_model", "decoder_with_past_model")
 
 
@@ -62,17 +64,19 @@ def build_variant(workdir: Path, name: str, plan_name: str, *, block_size: int =
     from kdq.export.atomic import save_onnx_atomic
     from kdq.export.merge import merge_decoders
     from kdq.export.precision import apply_plan_onnx
-    from musicgen.bundle.parts import GRAPHS, part_file
+    from musicgen.bundle.parts import GRAPHS, TJS_DTYPE, part_file
     from musicgen.models.musicgen import load_musicgen
 
-    base = workdir / f"bundle_{BASE[plan_name]}"
+    base = workdir / "bundle_int8dec"
     cfg = json.loads((base / "config.json").read_text())
-    dec_dtype = "fp32" if plan_name == "fp32" else cfg["transformers.js_config"]["dtype"]["decoder_model_merged"]
+    dec_dtype = {"fp32": "fp32", "int8dec": "int8", "int4dec": "int4"}[plan_name]
+    cfg["transformers.js_config"]["dtype"]["decoder_model_merged"] = TJS_DTYPE[dec_dtype]
     out = workdir / f"bundle_{name}"
     (out / "onnx").mkdir(parents=True, exist_ok=True)
     for f in base.iterdir():
-        if f.is_file() and not (out / f.name).exists():
+        if f.is_file() and f.name not in ("config.json", "export_report.json") and not (out / f.name).exists():
             os.symlink(f, out / f.name)
+    (out / "config.json").write_text(json.dumps(cfg, indent=2))
     for f in (base / "onnx").glob("*.onnx"):
         if not f.name.startswith("decoder_model_merged") and not (out / "onnx" / f.name).exists():
             os.symlink(f, out / "onnx" / f.name)
@@ -108,7 +112,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--workdir", required=True)
     ap.add_argument("--name", required=True)
-    ap.add_argument("--plan", required=True, choices=sorted(BASE))
+    ap.add_argument("--plan", required=True, choices=PLANS)
     ap.add_argument("--block-size", type=int, default=32)
     ap.add_argument("--accuracy-level", type=int, default=4)
     ap.add_argument("--fuse", action="store_true")
