@@ -93,3 +93,26 @@ def test_profile_of_a_real_decoder_adds_up(tiny_bundle, tmp_path):
     assert sum(cats.values()) == pytest.approx(r["model_run_ms_per_step"], rel=1e-2)
     assert cats["weight matmul"] > 0 and cats["KV cache concat"] > 0
     assert {o["op"] for o in r["by_op"]} >= {"MatMul", "Softmax", "Concat"}
+
+
+def test_int4_block_size_reaches_matmulnbits(tiny_bundle, tmp_path):
+    import onnx
+
+    from kdq.quant import Plan
+    from musicgen.bundle.build import BundleError, export_bundle
+
+    plan = Plan({"text_encoder": "fp32", "decoder": "int4", "audio_encoder": "fp32"})
+    report = export_bundle(str(tiny_bundle[0]), tmp_path / "b64", plan=plan, progress=False, int4_block_size=64)
+    assert report["int4_block_size"] == 64
+    m = onnx.load(str(tmp_path / "b64" / report["parts"]["decoder_model_merged"]["file"]))
+    blocks, stack = set(), [m.graph]  # MatMulNBits nodes sit inside the merged decoder's If branches
+    while stack:
+        g = stack.pop()
+        for n in g.node:
+            blocks |= {a.i for a in n.attribute if n.op_type == "MatMulNBits" and a.name == "block_size"}
+            stack += [a.g for a in n.attribute if a.type == onnx.AttributeProto.GRAPH]
+    assert blocks == {64}
+    rt = MusicgenOnnx(tmp_path / "b64", threads=1)
+    assert _codes(rt).shape[1] == 4
+    with pytest.raises(BundleError, match="int4_block_size"):
+        export_bundle(str(tiny_bundle[0]), tmp_path / "bad", plan=plan, progress=False, int4_block_size=48)
