@@ -11,7 +11,8 @@ change the output.
 A variant is ``name=BUNDLE[:DTYPE][+KEY=VALUE...]`` with BUNDLE a folder under ``--workdir``,
 DTYPE the decoder file variant to load (``fp32``, ``q8``, ``q4``...) and KEYs:
 
-- ``io=0|1``: IO binding of the KV cache (``MusicgenOnnx(io_binding=...)``, default 1);
+- ``io=0|1``: IO binding of the KV cache (``MusicgenOnnx(io_binding=...)``; default 1 here, the rows in
+  step.csv were taken with it; the runtime's own default is off since they were measured);
 - ``spin=0|1``: ``session.intra_op.allow_spinning`` (ONNX Runtime's default is 1);
 - ``denormal=0|1``: ``session.set_denormal_as_zero``;
 - ``opt=disable|basic|extended|layout|all``: graph optimization level (default all);

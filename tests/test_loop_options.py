@@ -26,7 +26,7 @@ def _codes(rt: MusicgenOnnx, n: int = 14) -> np.ndarray:
     {"session_config": {"session.set_denormal_as_zero": "1"}},
     {"graph_optimization": "disable"},
     {"graph_optimization": "basic"},
-    {"io_binding": False, "low_memory": True},
+    {"io_binding": True, "low_memory": True},
 ])
 def test_session_options_keep_greedy_codes(tiny_bundle, kwargs):
     bundle = tiny_bundle[1]

@@ -109,7 +109,10 @@ class MusicgenOnnx:
         dtypes: file variant per part (``fp32``, ``fp16``, ``q8``...); default from
             ``config.json["transformers.js_config"]["dtype"]``.
         ort_format: load ``.ort`` files (ONNX Runtime's mobile format) instead of ``.onnx``.
-        io_binding: keep the KV cache in ONNX Runtime values between steps (no numpy copies).
+        io_binding: keep the KV cache in ONNX Runtime values between steps through an IO binding
+            instead of passing numpy arrays. Off by default: at MusicGen-small size it measured 4-6%
+            slower per cached step than the plain ``run`` (docs/device.md, "Loop options"; binding
+            about 200 inputs and outputs from Python each step costs more than it saves).
         low_memory: turn off ONNX Runtime's CPU memory arena and memory-pattern planning, so freed
             buffers go back to the system (lower peak RSS, as on a phone; slightly slower).
         graph_optimization: ONNX Runtime's graph optimization level when loading ``.onnx`` files, one
@@ -125,7 +128,7 @@ class MusicgenOnnx:
         threads: int | None = None,
         dtypes: dict[str, str] | None = None,
         ort_format: bool = False,
-        io_binding: bool = True,
+        io_binding: bool = False,
         low_memory: bool = False,
         graph_optimization: str = "all",
         session_config: dict[str, str] | None = None,
