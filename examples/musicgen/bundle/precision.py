@@ -27,7 +27,7 @@ class BundlePlanError(KdqError):
     """A graph's node scopes or variants do not fit the bundle layout (an export bug, not user input)."""
 
 
-def apply_bundle_plan(model, graphs: dict[str, Path], plan: Any, work: Path):
+def apply_bundle_plan(model, graphs: dict[str, Path], plan: Any, work: Path, *, int4_block_size: int = 32):
     """Convert each exported fp32 graph per ``plan``.
 
     Args:
@@ -36,6 +36,7 @@ def apply_bundle_plan(model, graphs: dict[str, Path], plan: Any, work: Path):
             ``encodec_decode``) -> fp32 ``.onnx`` path.
         plan: a ``kdq.quant.Plan``.
         work: folder for the converted graphs.
+        int4_block_size: block size of 4-bit weights (``MatMulNBits``; 32, 64, 128...).
 
     Returns:
         ``(new graph paths, dtype per bundle part, report)`` where the report holds the plan JSON and,
@@ -68,7 +69,8 @@ def apply_bundle_plan(model, graphs: dict[str, Path], plan: Any, work: Path):
         keep: bool | list[str] = True
         if fp16_cache:  # only the KV cache in fp16; tensors crossing parts stay fp32 (see the docstring)
             keep = [v.name for v in [*g.graph.input, *g.graph.output] if not v.name.startswith(("past_key_values.", "present."))]
-        converted, rep = apply_plan_onnx(g, plan, module_names, prefix=prefix, keep_io_types=keep)
+        converted, rep = apply_plan_onnx(g, plan, module_names, prefix=prefix, keep_io_types=keep,
+                                         int4_block_size=int4_block_size)
         new = work / f"{name}.{variant}.onnx"
         save_onnx_atomic(converted, new)
         out_paths[name] = new
@@ -79,4 +81,4 @@ def apply_bundle_plan(model, graphs: dict[str, Path], plan: Any, work: Path):
         else:
             parts[part] = entry
     plan_json = plan.to_dict() if hasattr(plan, "to_dict") else str(plan)
-    return out_paths, dtypes, {"plan": plan_json, "parts": parts}
+    return out_paths, dtypes, {"plan": plan_json, "parts": parts, "int4_block_size": int4_block_size}

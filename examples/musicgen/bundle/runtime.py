@@ -23,6 +23,8 @@ from musicgen.bundle.parts import PARTS, SUFFIX, part_file, plan_dtype
 from musicgen.bundle.streaming import check_stream_args, stream_decode
 
 MIN_FRAMES = 7  # EnCodec's first conv (kernel 7) pads by reflection; below 7 frames PyTorch pads differently
+GRAPH_OPTIMIZATION = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED",
+                      "layout": "ORT_ENABLE_LAYOUT", "all": "ORT_ENABLE_ALL"}
 _NP = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64, "tensor(bool)": np.bool_}
 
 
@@ -107,9 +109,16 @@ class MusicgenOnnx:
         dtypes: file variant per part (``fp32``, ``fp16``, ``q8``...); default from
             ``config.json["transformers.js_config"]["dtype"]``.
         ort_format: load ``.ort`` files (ONNX Runtime's mobile format) instead of ``.onnx``.
-        io_binding: keep the KV cache in ONNX Runtime values between steps (no numpy copies).
+        io_binding: keep the KV cache in ONNX Runtime values between steps through an IO binding
+            instead of passing numpy arrays. Off by default: at MusicGen-small size it measured 4-6%
+            slower per cached step than the plain ``run`` (docs/device.md, "Loop options"; binding
+            about 200 inputs and outputs from Python each step costs more than it saves).
         low_memory: turn off ONNX Runtime's CPU memory arena and memory-pattern planning, so freed
             buffers go back to the system (lower peak RSS, as on a phone; slightly slower).
+        graph_optimization: ONNX Runtime's graph optimization level when loading ``.onnx`` files, one
+            of ``GRAPH_OPTIMIZATION`` (``.ort`` files were optimized when converted).
+        session_config: extra session config entries (``SessionOptions.add_session_config_entry``),
+            e.g. ``{"session.intra_op.allow_spinning": "0"}``.
     """
 
     def __init__(
@@ -119,8 +128,10 @@ class MusicgenOnnx:
         threads: int | None = None,
         dtypes: dict[str, str] | None = None,
         ort_format: bool = False,
-        io_binding: bool = True,
+        io_binding: bool = False,
         low_memory: bool = False,
+        graph_optimization: str = "all",
+        session_config: dict[str, str] | None = None,
     ):
         import onnxruntime as ort
         from tokenizers import Tokenizer
@@ -142,6 +153,11 @@ class MusicgenOnnx:
         if low_memory:
             opts.enable_cpu_mem_arena = False
             opts.enable_mem_pattern = False
+        if graph_optimization not in GRAPH_OPTIMIZATION:
+            raise bad_value(GenerationArgError, "graph_optimization", graph_optimization, f"one of {sorted(GRAPH_OPTIMIZATION)}")
+        opts.graph_optimization_level = getattr(ort.GraphOptimizationLevel, GRAPH_OPTIMIZATION[graph_optimization])
+        for key, value in (session_config or {}).items():
+            opts.add_session_config_entry(str(key), str(value))
         self.files: dict[str, Path] = {}
         self.sessions = {}
         for part in PARTS:
