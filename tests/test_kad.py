@@ -264,3 +264,32 @@ def test_bootstrap_errors(monkeypatch):
         kad_bootstrap(x, x)
     with pytest.raises(KadError, match="at least 2 units"):
         kad_bootstrap([x], [x[:5], x[5:]], bandwidth=1.0)
+
+
+def test_kernel_sums_are_remembered_by_content_and_equal_the_plain_sums(monkeypatch):
+    from kdq.metrics.kernel_distance import kernel_sums
+
+    rng = np.random.default_rng(3)
+    u, v = rng.normal(size=(30, 4)), rng.normal(size=(20, 4))
+    su, sv = np.array([10, 5, 15]), np.array([12, 8])
+    built = []
+    real = KernelSums.__init__
+
+    def counting(self, *a, **k):
+        built.append(1)
+        real(self, *a, **k)
+
+    monkeypatch.setattr(kad_module, "_cache", type(kad_module._cache)())
+    monkeypatch.setattr(KernelSums, "__init__", counting)
+    first = kernel_sums(u, su, v, sv, 1.5)
+    np.testing.assert_array_equal(first, KernelSums(u, su, v, sv, 1.5).sums)
+    assert len(built) == 2
+    assert kernel_sums(u.copy(), su.copy(), v.copy(), sv.copy(), 1.5) is first  # same content: no new kernel
+    assert len(built) == 2 and not first.flags.writeable
+    for changed in ((u + 1e-9, su, v, sv, 1.5), (u, np.array([10, 6, 14]), v, sv, 1.5), (u, su, v, sv, 1.6)):
+        kernel_sums(*changed)  # any change of content, grouping or bandwidth is computed anew
+    assert len(built) == 5
+    assert kernel_sums(u, su, u, su, 1.5, same=True) is not kernel_sums(u, su, u, su, 1.5)  # same=True: another entry
+    monkeypatch.setattr(kad_module, "_CACHE_BYTES", first.nbytes)  # a bound of one entry drops the oldest
+    kernel_sums(v, sv, u, su, 1.5)
+    assert len(kad_module._cache) == 1

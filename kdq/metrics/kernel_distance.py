@@ -29,6 +29,8 @@ held whole (rows are processed in blocks), so memory is O(block x n) for any m a
 
 from __future__ import annotations
 
+import hashlib
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
@@ -45,12 +47,14 @@ __all__ = [
     "kad_bootstrap",
     "kad_from_sums",
     "kad_reference",
+    "kernel_sums",
     "median_bandwidth",
 ]
 
 KAD_SCALE = 100.0  # kadtk's SCALE_FACTOR
 _BLOCK_ENTRIES = 1 << 22  # kernel entries per block (32 MiB of float64)
 _MAX_UNITS = 4096  # bootstrap units whose [units, units] kernel sums are kept (128 MiB each)
+_CACHE_BYTES = 256 << 20  # kernel sums kept by ``kernel_sums`` for reuse (least recently used dropped)
 
 
 class KadError(KdqError):
@@ -159,6 +163,35 @@ class KernelSums:
             np.exp(-inv * d2, out=d2)
             by_v[lo:hi] = np.add.reduceat(d2, v_starts, axis=1)
         self.sums = np.add.reduceat(by_v, u_starts, axis=0)
+
+
+_cache: OrderedDict[tuple, np.ndarray] = OrderedDict()
+
+
+def _digest(x: np.ndarray) -> tuple:
+    x = np.ascontiguousarray(x)
+    return x.dtype.str, x.shape, hashlib.blake2b(x.tobytes(), digest_size=16).digest()
+
+
+def kernel_sums(u: np.ndarray, u_sizes: np.ndarray, v: np.ndarray, v_sizes: np.ndarray, h: float, *, same: bool = False) -> np.ndarray:
+    """``KernelSums(...).sums``, remembered by content: a read-only [N_u, N_v] array.
+
+    An ablation scores every system against one reference and then compares systems in pairs, so the
+    same sums (reference with itself, each system with itself and with the reference) are asked for
+    many times; each costs an exponential per pair of rows (10^8-10^9 for frame embeddings), a key
+    of the inputs' bytes a hash. Up to 256 MiB of results are kept, least recently used dropped.
+    """
+    key = (_digest(u), _digest(np.asarray(u_sizes)), _digest(v), _digest(np.asarray(v_sizes)), float(h), bool(same))
+    hit = _cache.get(key)
+    if hit is not None:
+        _cache.move_to_end(key)
+        return hit
+    sums = KernelSums(u, u_sizes, v, v_sizes, h, same=same).sums
+    sums.setflags(write=False)
+    _cache[key] = sums
+    while sum(a.nbytes for a in _cache.values()) > _CACHE_BYTES and len(_cache) > 1:
+        _cache.popitem(last=False)
+    return sums
 
 
 def _within(s: np.ndarray, size: np.ndarray, w: np.ndarray, exclude_ties: bool) -> float:
@@ -344,9 +377,9 @@ def kad_bootstrap(
         if len(units) < 2:
             raise bad_value(KadError, f"{arg} units", len(units), "at least 2 units (rows, or clips) to resample")
     h = median_bandwidth(y) if bandwidth is None else _check_bandwidth(bandwidth)
-    s_xx = KernelSums(x, size_x, x, size_x, h, same=True).sums
-    s_yy = KernelSums(y, size_y, y, size_y, h, same=True).sums
-    s_xy = KernelSums(x, size_x, y, size_y, h).sums
+    s_xx = kernel_sums(x, size_x, x, size_x, h, same=True)
+    s_yy = kernel_sums(y, size_y, y, size_y, h, same=True)
+    s_xy = kernel_sums(x, size_x, y, size_y, h)
     nx, ny = len(size_x), len(size_y)
     value = kad_from_sums(s_xx, s_yy, s_xy, size_x, size_y, np.ones(nx), np.ones(ny), scale=scale)
     sums = (s_xx, s_yy, s_xy, size_x, size_y)

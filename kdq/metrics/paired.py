@@ -31,7 +31,6 @@ import numpy as np
 from kdq.errors import KdqError, bad_value
 from kdq.metrics.kernel_distance import (
     KAD_SCALE,
-    KernelSums,
     _as_items,
     _check_bandwidth,
     _check_pair,
@@ -39,6 +38,7 @@ from kdq.metrics.kernel_distance import (
     basic_interval,
     check_boot_args,
     kad_from_sums,
+    kernel_sums,
     median_bandwidth,
 )
 
@@ -207,11 +207,11 @@ def paired_kad_bootstrap(
     for n_units, arg in ((len(sa), "a"), (len(sr), "ref")):
         _units_guard(n_units, arg)
     h = median_bandwidth(xr) if bandwidth is None else _check_bandwidth(bandwidth)
-    s_aa = KernelSums(xa, sa, xa, sa, h, same=True).sums
-    s_bb = KernelSums(xb, sb, xb, sb, h, same=True).sums
-    s_rr = KernelSums(xr, sr, xr, sr, h, same=True).sums
-    s_ar = KernelSums(xa, sa, xr, sr, h).sums
-    s_br = KernelSums(xb, sb, xr, sr, h).sums
+    s_aa = kernel_sums(xa, sa, xa, sa, h, same=True)
+    s_bb = kernel_sums(xb, sb, xb, sb, h, same=True)
+    s_rr = kernel_sums(xr, sr, xr, sr, h, same=True)
+    s_ar = kernel_sums(xa, sa, xr, sr, h)
+    s_br = kernel_sums(xb, sb, xr, sr, h)
     n, n_ref = len(sa), len(sr)
     ones, ones_r = np.ones(n), np.ones(n_ref)
     a_value = kad_from_sums(s_aa, s_rr, s_ar, sa, sr, ones, ones_r, scale=scale)
