@@ -536,3 +536,14 @@ def test_the_main_job_starts_from_a_shipped_world(smoke, tmp_path, monkeypatch):
     # the shipped (fp16-stored) student_base is the smoke run's student_base to fp16 precision
     a, b = r["variants"]["student_base"]["nll"], smoke[1]["variants"]["student_base"]["nll"]
     assert a == pytest.approx(b, rel=1e-2)
+
+
+def test_the_mini_preset_trains_without_timing_dependent_choices():
+    """Reproduction: bf16="auto" times both on the first batch, and three fresh-clone main jobs chose
+    bf16 for distill_ce twice and fp32 once, so student_ce's weights and figures changed between runs.
+    A preset whose figures are quoted must not let the machine's load choose."""
+    from musicgen.config import preset
+
+    p = preset("mini")
+    trains = {"distill": p.distill.train, **{k: getattr(p.world, k).train for k in ("codec", "text", "teacher", "student")}}
+    assert {k: t.bf16 for k, t in trains.items() if t.bf16 == "auto"} == {}
