@@ -431,8 +431,9 @@ def test_paper_preset_code_path_on_local_checkpoints(smoke, tmp_path):
     kd = r["variants"]["student_kd_kdq_plan"]
     assert kd["bytes"] < r["variants"]["student_kd"]["bytes"] and kd["nll"] > 0
     assert r["ort"] == {"skipped": "export disabled in this preset"}
-    # offline, without a CLAP: FAD/KAD only, the model-free embedder first, then the codec's latents
-    assert list(r["embedders"]) == ["mel-chroma", "encodec"] and r["variants"]["student_kd"]["fad_embedder"] == "mel-chroma"
+    # offline, without a CLAP: FAD/KAD only, the model-free embedders first (mel-chroma, its pitch part),
+    # then the codec's latents
+    assert list(r["embedders"]) == ["mel-chroma", "chroma", "encodec"] and r["variants"]["student_kd"]["fad_embedder"] == "mel-chroma"
     assert r["variants"]["student_kd"]["clap"] is None and r["variants"]["student_kd"]["fad"] is not None
 
 
