@@ -42,6 +42,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples"))
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from bench_generation import _commit, _load  # noqa: E402  (one definition for the benchmarks' CSV rows)
 
 RESULTS = ROOT / "benchmarks" / "results" / "step.csv"
 FIELDS = ["op", "impl", "shape", "metric", "median", "p20", "p80", "machine", "commit", "load"]
@@ -101,17 +104,6 @@ def worker(args) -> None:
     np.save(args.codes, out_ids)
     print(json.dumps({"load_s": load_s, "first_ms": 1000 * steps[0], "mean_ms": 1000 * statistics.fmean(cached),
                       "median_ms": 1000 * statistics.median(cached)}))
-
-
-def _commit() -> str:
-    try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True, cwd=ROOT).strip()
-    except Exception:  # noqa: BLE001
-        return "unknown"
-
-
-def _load() -> str:
-    return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
 def main() -> None:
