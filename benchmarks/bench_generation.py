@@ -193,6 +193,17 @@ def _commit() -> str:
         return "unknown"
 
 
+def append_rows(path: Path, fields: list[str], rows: list[dict]) -> None:
+    """Append ``rows`` to the CSV at ``path`` (header written when the file is new)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    new = not path.exists()
+    with path.open("a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields)
+        if new:
+            w.writeheader()
+        w.writerows(rows)
+
+
 def _load() -> str:
     return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
@@ -299,13 +310,7 @@ def main() -> None:
                 b = statistics.median(x["gen_s"] for x in results[impl])
                 _row(rows, impl, shape, f"speedup_vs_{base}", a / b, args.threads)
 
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    new = not RESULTS.exists()
-    with RESULTS.open("a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=FIELDS)
-        if new:
-            w.writeheader()
-        w.writerows(rows)
+    append_rows(RESULTS, FIELDS, rows)
     print(f"load after: {_load()}; {len(rows)} rows appended to {RESULTS}", flush=True)
     if not args.workdir:
         shutil.rmtree(work, ignore_errors=True)

@@ -29,7 +29,6 @@ DTYPE the decoder file variant to load (``fp32``, ``q8``, ``q4``...) and KEYs:
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import platform
@@ -44,7 +43,7 @@ sys.path.insert(0, str(ROOT / "examples"))
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from bench_generation import _commit, _load  # noqa: E402  (one definition for the benchmarks' CSV rows)
+from bench_generation import _commit, _load, append_rows  # noqa: E402  (one definition for the benchmarks' CSV rows)
 
 RESULTS = ROOT / "benchmarks" / "results" / "step.csv"
 FIELDS = ["op", "impl", "shape", "metric", "median", "p20", "p80", "machine", "commit", "load"]
@@ -178,13 +177,7 @@ def main() -> None:
             print(f"{row['impl']:<60} {row['median']:8.2f} ms/step (p20 {row['p20']:.2f}, p80 {row['p80']:.2f})  "
                   f"x{base / row['median']:.3f} vs first", flush=True)
     if not args.no_csv:
-        RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        new = not RESULTS.exists()
-        with RESULTS.open("a", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=FIELDS)
-            if new:
-                w.writeheader()
-            w.writerows(rows)
+        append_rows(RESULTS, FIELDS, rows)
         print(f"{len(rows)} rows appended to {RESULTS}", flush=True)
 
 

@@ -28,24 +28,12 @@ import torch  # noqa: E402
 
 from kdq.metrics import frechet_bootstrap, frechet_distance, paired_bootstrap  # noqa: E402
 from musicgen.data.audiofolder import load_audio, read_split  # noqa: E402
+from musicgen.eval.generate import generate  # noqa: E402
 from musicgen.eval.music import MelChromaEmbedder, key_accuracy  # noqa: E402
 from musicgen.models.musicgen import load_musicgen, load_tokenizer  # noqa: E402
 
 SETTINGS = ((3.0, 250, 1.0), (1.0, 250, 1.0), (3.0, 50, 1.0), (3.0, 250, 0.6))  # guidance, top-k, temperature
 PARTS = {"mel-chroma": slice(0, 76), "mel": slice(0, 64), "chroma": slice(64, 76)}
-
-
-def sample(model, tok, captions: list[str], g: float, k: int, t: float, seconds: float = 4.0, batch: int = 50) -> list[np.ndarray]:
-    """As ``musicgen.eval.generate.generate`` (same seeds per batch), with a temperature."""
-    frames = int(round(seconds * model.config.audio_encoder.frame_rate))
-    out = []
-    for j, i in enumerate(range(0, len(captions), batch)):
-        torch.manual_seed(j)
-        inputs = tok(captions[i : i + batch], return_tensors="pt", padding=True)
-        a = model.generate(**inputs, do_sample=True, top_k=k, temperature=t, guidance_scale=g,
-                           max_new_tokens=frames + model.config.decoder.num_codebooks - 1)
-        out += list(a[:, 0].float().numpy())
-    return out
 
 
 def dynamics(units: list[np.ndarray]) -> dict:
@@ -89,7 +77,7 @@ def main() -> None:
         setting = f"guidance {g:g}, top-k {k}, temperature {t:g}"
         gen = {}
         for name, (model, tok) in models.items():
-            audio = sample(model, tok, captions, g, k, t)
+            audio = generate(model, tok, captions, seconds=4.0, seed=0, guidance_scale=g, top_k=k, temperature=t, batch=50)
             gen[name] = emb.units(audio, 8000)
             out["fad"][f"{name}, {setting}"] = {**fads(gen[name], ref), **dynamics(gen[name]),
                                                 "key_accuracy": round(key_accuracy(audio, captions, 8000).accuracy, 3)}

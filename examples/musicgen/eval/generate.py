@@ -12,8 +12,9 @@ from musicgen.files import write_wav
 
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[str], *, seconds: float, seed: int = 0, guidance_scale: float = 3.0,
-             top_k: int = 250, batch: int = 16, progress: bool = False, desc: str = "generate") -> list[np.ndarray]:
-    """One mono clip of ``seconds`` per prompt (top-k sampling with classifier-free guidance).
+             top_k: int = 250, batch: int = 16, progress: bool = False, desc: str = "generate",
+             temperature: float = 1.0) -> list[np.ndarray]:
+    """One mono clip of ``seconds`` per prompt (top-k sampling at ``temperature`` with classifier-free guidance).
 
     Prompts are generated ``batch`` at a time; batch ``j`` draws from torch's RNG seeded with
     ``seed * 1000 + j``, so two models given the same arguments see the same seeds.
@@ -26,8 +27,8 @@ def generate(model, tokenizer, prompts: list[str], *, seconds: float, seed: int 
     for j, i in enumerate(tqdm(range(0, len(prompts), batch), desc=desc, disable=not progress, leave=False)):
         torch.manual_seed(seed * 1000 + j)
         inputs = tokenizer(prompts[i : i + batch], return_tensors="pt", padding=True)
-        audio = model.generate(**inputs, do_sample=True, top_k=top_k, guidance_scale=guidance_scale,
-                               max_new_tokens=frames + k - 1)
+        audio = model.generate(**inputs, do_sample=True, top_k=top_k, temperature=temperature,
+                               guidance_scale=guidance_scale, max_new_tokens=frames + k - 1)
         out += [a for a in audio[:, 0].float().numpy()]
     return out
 
