@@ -367,17 +367,16 @@ class StepReference(nn.Module):
 
     Takes the graph's inputs in order; slices the valid ``past`` positions out of the buffers, runs
     ``DecoderStep`` (with the cross keys and values as the encoder cache and a zeros tensor of the
-    right shape as encoder states, which the cached step ignores but must receive), and returns the
+    right shape as encoder states, which the cached step ignores but must receive; an empty past is a
+    self-attention cache of length 0, so the same call makes the first step), and returns the
     logits and the buffers with the new positions written, as the graph does.
     """
 
     def __init__(self, model):
         super().__init__()
         self.with_past = DecoderStep(model, with_past=True)
-        self.first = DecoderStep(model, with_past=False)
         self.layers = model.decoder.config.num_hidden_layers
         self.text_hidden = model.text_encoder.config.hidden_size
-        self.project = self.with_past.project
 
     def forward(self, input_ids, encoder_attention_mask, *rest):
         n = self.layers
@@ -386,8 +385,6 @@ class StepReference(nn.Module):
         s = input_ids.shape[1]
         p = total - s
         b, length = encoder_attention_mask.shape
-        if p == 0:
-            raise InplaceDecoderError("StepReference needs a past: use StepReference.first_step for the first step")
         states = torch.zeros(b, length, self.text_hidden)
         cache = []
         for i in range(n):
@@ -449,23 +446,8 @@ def cross_feed(model, *, batch: int, text_len: int, seed: int = 0) -> OrderedDic
     return OrderedDict(encoder_hidden_states=states, encoder_attention_mask=guidance_mask(batch, text_len))
 
 
-class FirstStepReference(StepReference):
-    """``StepReference`` for an empty past: transformers' first step, given the encoder states."""
-
-    def __init__(self, model, encoder_hidden_states: torch.Tensor):
-        super().__init__(model)
-        self.states = encoder_hidden_states
-
-    def forward(self, input_ids, encoder_attention_mask, *rest):
-        n = self.layers
-        past = rest[2 * n : 4 * n]
-        total = int(rest[4 * n + 1])
-        out = self.first(input_ids, self.states, encoder_attention_mask)
-        return self._pack(out, past, total)
-
-
-def validation_sets(model, *, seed: int = 20) -> list[tuple[nn.Module, OrderedDict]]:
-    """(reference module, step feed) pairs: first steps (S = 1 and S = 3, empty past) and cached
+def validation_sets(model, *, seed: int = 20) -> list[OrderedDict]:
+    """Feeds of ``decoder_step`` (reference: ``StepReference``): first steps (S = 1 and S = 3, empty past) and cached
     steps with pasts of 1, 5 and 8 positions, guidance batches of 1 and 2 prompts."""
     sets = []
     for j, (batch, text_len, past_len, seq, max_len) in enumerate(
@@ -475,15 +457,18 @@ def validation_sets(model, *, seed: int = 20) -> list[tuple[nn.Module, OrderedDi
             cross = list(CrossKVReference(model).eval()(*cf.values()))
         feed = step_feed(model, cross, batch=batch, text_len=text_len, past_len=past_len, seq=seq, max_len=max_len,
                          seed=seed + 10 + j)
-        ref = FirstStepReference(model, cf["encoder_hidden_states"]) if past_len == 0 else StepReference(model)
-        sets.append((ref.eval(), feed))
+        sets.append(feed)
     return sets
 
 
-def cross_validation_sets(model, *, seed: int = 40) -> list[tuple[nn.Module, OrderedDict]]:
-    """(reference, feed) pairs for ``cross_kv``: guidance batches of 1 and 2 prompts, other lengths."""
-    return [(CrossKVReference(model).eval(), cross_feed(model, batch=b, text_len=n, seed=seed + j))
-            for j, (b, n) in enumerate([(1, 5), (2, 7)])]
+def cross_validation_sets(model, *, seed: int = 40) -> list[OrderedDict]:
+    """Feeds of ``cross_kv`` (reference: ``CrossKVReference``): guidance batches of 1 and 2 prompts."""
+    return [cross_feed(model, batch=b, text_len=n, seed=seed + j) for j, (b, n) in enumerate([(1, 5), (2, 7)])]
+
+
+def reference(model, graph: str) -> nn.Module:
+    """The PyTorch reference of ``cross_kv`` or ``decoder_step`` (in eval mode)."""
+    return (CrossKVReference(model) if graph == "cross_kv" else StepReference(model)).eval()
 
 
 def graph_outputs(model, graph: str) -> list[str]:
@@ -495,3 +480,61 @@ def graph_outputs(model, graph: str) -> list[str]:
 BUILDERS = {"cross_kv": build_cross_kv, "decoder_step": build_decoder_step}
 __all__ = ["INPLACE_GRAPHS", "BUILDERS", "InplaceDecoderError", "DecoderDims", "build_cross_kv", "build_decoder_step",
            "check_inplace_plan", "validation_sets", "cross_validation_sets", "graph_outputs", "kv_names"]
+
+
+# ------------------------------------------------------------------------------ export
+
+
+def export_inplace(model, onnx_dir, plan: Any = "fp32", *, atol: float = 1e-4, int4_block_size: int = 32) -> dict[str, dict]:
+    """Build, convert per ``plan``, save and validate ``cross_kv`` and ``decoder_step`` in ``onnx_dir``.
+
+    Each graph is written as ``<name><suffix>.onnx`` (the suffix of the dtype holding most of its weight
+    bytes, as ``bundle.parts.part_file`` names the other parts), then checked against PyTorch on
+    ``cross_validation_sets``/``validation_sets`` (other batch sizes, text lengths, pasts of 0 to 8
+    positions, one new position or three on an empty past): strict (``atol``) when all its weights
+    are fp32, else measured (max difference and SNR, ``kdq.export.onnx_export.compare_onnx``).
+
+    Returns, per graph, the report entry: ``file`` (relative to the bundle), ``dtype``, ``bytes``,
+    ``nodes``, ``parity``, ``parity_kind`` and, with a plan, ``planned_weight_bytes_fp32`` and
+    ``conformance``.
+    """
+    from pathlib import Path
+
+    import onnx
+
+    from kdq.dtypes import TABLE
+    from kdq.export.atomic import save_onnx_atomic
+    from kdq.export.onnx_export import compare_onnx, validate_onnx
+    from kdq.export.precision import apply_plan_onnx, planned_weight_bytes
+    from musicgen.bundle.parts import SUFFIX
+
+    check_inplace_plan(model, plan)
+    onnx_dir = Path(onnx_dir)
+    module_names = [n for n, _ in model.named_modules()]
+    out: dict[str, dict] = {}
+    for name in INPLACE_GRAPHS:
+        graph = BUILDERS[name](model)
+        entry: dict[str, Any] = {}
+        variant = "fp32"
+        if plan != "fp32":
+            planned = planned_weight_bytes(graph, plan, module_names)
+            variant = max(planned, key=lambda dt: (planned[dt], -TABLE[dt].bits)) if planned else "fp32"
+            graph, rep = apply_plan_onnx(graph, plan, module_names, int4_block_size=int4_block_size)
+            entry.update(planned_weight_bytes_fp32=planned, mixed=len(planned) > 1, conformance=rep.to_json())
+        path = onnx_dir / f"{name}{SUFFIX[variant]}.onnx"
+        save_onnx_atomic(graph, path)
+        nodes = len(graph.graph.node)
+        del graph
+        sets = cross_validation_sets(model) if name == "cross_kv" else validation_sets(model)
+        outputs = graph_outputs(model, name)
+        strict = set(entry.get("planned_weight_bytes_fp32", {"fp32": 0})) <= {"fp32"}
+        ref = reference(model, name)
+        if strict:
+            parity = validate_onnx(path, ref, sets, output_names=outputs, atol=atol).to_json()
+        else:
+            parity = {"snr_db_and_max_abs_diff": compare_onnx(path, ref, sets, output_names=outputs)}
+        entry = {"file": f"{onnx_dir.name}/{path.name}", "dtype": variant, "bytes": path.stat().st_size, "nodes": nodes,
+                 "parity": parity, "parity_kind": f"strict atol={atol:g}" if strict else
+                 "measured against PyTorch fp32", **entry}
+        out[name] = entry
+    return out
