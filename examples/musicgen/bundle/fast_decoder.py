@@ -111,7 +111,6 @@ class _Graph:
         self.inputs: list = []
         self.outputs: list = []
         self.value_info: list = []
-        self._n = 0
 
     def init(self, name: str, array: np.ndarray) -> str:
         from onnx import numpy_helper
@@ -126,13 +125,15 @@ class _Graph:
         """``linear.weight`` transposed to (in, out), as the TorchScript exporter stores a MatMul weight."""
         return self.init(name, linear.weight.detach().float().t().contiguous().numpy())
 
-    def node(self, op: str, inputs: list[str], name: str, *, outputs: int = 1, domain: str = "", **attrs) -> Any:
+    def node(self, op: str, inputs: list[str], name: str, *, outputs: int | list[str] = 1, domain: str = "",
+             **attrs) -> Any:
+        """Append a node; returns its output name (or names). ``outputs``: a count (names derived from
+        the node's) or the names themselves (graph outputs)."""
         from onnx import helper
 
-        self._n += 1
-        outs = [f"{name}_output_{j}" for j in range(outputs)]
+        outs = list(outputs) if isinstance(outputs, list) else [f"{name}_output_{j}" for j in range(outputs)]
         self.nodes.append(helper.make_node(op, inputs, outs, name=name, domain=domain or None, **attrs))
-        return outs[0] if outputs == 1 else outs
+        return outs[0] if len(outs) == 1 else outs
 
     def float_info(self, name: str, shape: list) -> None:
         """Declare a float tensor's type (contrib op outputs are unknown to ONNX shape inference, which
@@ -219,8 +220,7 @@ def build_cross_kv(model):
             y = _linear(g, h, getattr(attn, p), name)
             path = _scope_path(name.rsplit(".", 1)[0])
             y = g.node("Reshape", [y, heads_shape], f"{path}/Reshape_{kv}")
-            y = g.node("Transpose", [y], f"{path}/Transpose_{kv}", perm=[0, 2, 1, 3])
-            g.nodes[-1].output[0] = f"cross_{kv}.{i}"
+            g.node("Transpose", [y], f"{path}/Transpose_{kv}", outputs=[f"cross_{kv}.{i}"], perm=[0, 2, 1, 3])
             g.outputs.append(_io(f"cross_{kv}.{i}", T.FLOAT, ["batch_size", d.heads, "encoder_sequence_length", d.head_dim]))
     return g.model()
 
@@ -279,10 +279,10 @@ def build_decoder_step(model):
         # self-attention with the cache written in place
         h = _ln(g, x, layer.self_attn_layer_norm, f"{base}.self_attn_layer_norm")
         q, k, v = (_linear(g, h, getattr(layer.self_attn, p), f"{base}.self_attn.{p}") for p in ("q_proj", "k_proj", "v_proj"))
-        o, pk, pv = g.node("GroupQueryAttention", [q, k, v, f"past_key.{i}", f"past_value.{i}", "seqlens_k", "total_sequence_length"],
-                           f"{path}/self_attn/GroupQueryAttention", outputs=3, domain="com.microsoft",
-                           num_heads=d.heads, kv_num_heads=d.heads, scale=scale)
-        g.nodes[-1].output[1], g.nodes[-1].output[2] = f"present_key.{i}", f"present_value.{i}"
+        o = g.node("GroupQueryAttention", [q, k, v, f"past_key.{i}", f"past_value.{i}", "seqlens_k", "total_sequence_length"],
+                   f"{path}/self_attn/GroupQueryAttention", domain="com.microsoft",
+                   outputs=[f"{path}/self_attn/GroupQueryAttention_output_0", f"present_key.{i}", f"present_value.{i}"],
+                   num_heads=d.heads, kv_num_heads=d.heads, scale=scale)[0]
         g.float_info(o, act)
         x = g.node("Add", [x, _linear(g, o, layer.self_attn.out_proj, f"{base}.self_attn.out_proj")], f"{path}/Add")
         # cross-attention over the precomputed keys and values
@@ -308,8 +308,7 @@ def build_decoder_step(model):
     y = g.node("Concat", heads, "/decoder/Concat", axis=1)
     out_shape = g.node("Concat", [g.const("minus1", [-1], np.int64), seq, g.const("vocab", [d.vocab], np.int64)],
                        "/decoder/Concat_1", axis=0)
-    g.node("Reshape", [y, out_shape], "/decoder/Reshape")
-    g.nodes[-1].output[0] = "logits"
+    g.node("Reshape", [y, out_shape], "/decoder/Reshape", outputs=["logits"])
     g.outputs.insert(0, _io("logits", T.FLOAT, ["batch_size_x_codebooks", "sequence_length", d.vocab]))
     _dedupe_inits(g)
     return g.model()
