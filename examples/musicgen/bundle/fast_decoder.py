@@ -54,7 +54,7 @@ import torch
 from torch import nn
 
 from kdq.errors import KdqError, bad_value
-from musicgen.bundle.parts import DecoderStep, kv_names
+from musicgen.bundle.parts import DecoderStep
 
 #: The two graphs of the in-place decoder, in the order the runtime runs them.
 INPLACE_GRAPHS = ("cross_kv", "decoder_step")
@@ -337,7 +337,8 @@ def check_inplace_plan(model, plan: Any) -> None:
     resolved["(default)"] = getattr(plan, "default", "fp32")
     bad = sorted({m for m, dt in resolved.items() if dt in ("fp16", "bf16") and (m != "(default)" or not names)})
     if bad:
-        raise bad_value(InplaceDecoderError, "plan", f"{bad[0]} -> {resolved[bad[0]]}" + (f" (+{len(bad) - 1} more)" if len(bad) > 1 else ""),
+        more = f" (+{len(bad) - 1} more)" if len(bad) > 1 else ""
+        raise bad_value(InplaceDecoderError, "plan", f"{bad[0]} -> {resolved[bad[0]]}{more}",
                         "int8, int4 or fp32 for every decoder module when decoder='inplace' (its attention ops run "
                         "fp32 here; fp16 is not supported)", "give the decoder int8/int4/fp32, or use decoder='merged'")
 
@@ -478,7 +479,7 @@ def graph_outputs(model, graph: str) -> list[str]:
 
 BUILDERS = {"cross_kv": build_cross_kv, "decoder_step": build_decoder_step}
 __all__ = ["INPLACE_GRAPHS", "BUILDERS", "InplaceDecoderError", "DecoderDims", "build_cross_kv", "build_decoder_step",
-           "check_inplace_plan", "validation_sets", "cross_validation_sets", "graph_outputs", "kv_names"]
+           "check_inplace_plan", "validation_sets", "cross_validation_sets", "graph_outputs", "reference", "export_inplace"]
 
 
 # ------------------------------------------------------------------------------ export
