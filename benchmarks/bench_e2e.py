@@ -36,6 +36,19 @@ def _load() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
 
 
+def inplace_bytes_per_step(step_file: Path) -> int:
+    """Weight bytes one ``decoder_step`` run reads: its weighted nodes except the embedding gathers (the
+    convention of ``bench_generation.streamed_bytes_per_step`` for the merged decoder)."""
+    import onnx
+
+    from kdq.export.precision import initializers, tensor_bytes, weight_input
+
+    m = onnx.load(str(step_file))
+    inits = initializers(m.graph)
+    return sum(tensor_bytes(w) for n in m.graph.node
+               if (w := weight_input(n, inits)) is not None and not n.op_type.startswith("Gather"))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--workdir", required=True)
@@ -63,11 +76,13 @@ def main() -> None:
     floors = {}
     for name, folder in bundles.items():
         cfg = json.loads((Path(args.workdir) / folder / "config.json").read_text())
-        dt = cfg["transformers.js_config"]["dtype"]["decoder_model_merged"]
-        from musicgen.bundle.parts import part_file
+        from musicgen.bundle.parts import INPLACE_KEY, part_file
 
-        dec = Path(args.workdir) / folder / part_file("decoder_model_merged", dt)
-        per_step = streamed_bytes_per_step(dec)
+        if INPLACE_KEY in cfg:  # the in-place decoder (device_run.py runs it whenever the bundle has it)
+            per_step = inplace_bytes_per_step(Path(args.workdir) / folder / cfg[INPLACE_KEY]["decoder_step"]["file"])
+        else:
+            dt = cfg["transformers.js_config"]["dtype"]["decoder_model_merged"]
+            per_step = streamed_bytes_per_step(Path(args.workdir) / folder / part_file("decoder_model_merged", dt))
         floors[name] = {"weight_bytes_per_step": per_step, "floor_ms_per_step": round(1000 * per_step / bw, 3)}
     result["floors"] = floors
     env = {**os.environ, "PYTHONPATH": f"{ROOT}:{ROOT / 'examples'}", "OMP_NUM_THREADS": str(args.threads)}

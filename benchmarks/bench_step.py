@@ -18,6 +18,8 @@ DTYPE the decoder file variant to load (``fp32``, ``q8``, ``q4``...) and KEYs:
 - ``opt=disable|basic|extended|layout|all``: graph optimization level (default all);
 - ``ort=0|1``: load the ``.ort`` files (converted on demand, as ``device_run.py --ort-format``);
 - ``arena=0|1``: the CPU memory arena and memory patterns (0 = ``low_memory``, as ``device_run.py``);
+- ``decoder=auto|merged|inplace``: which decoder graphs to run (``MusicgenOnnx(decoder=...)``; ``auto``, the
+  default, runs the in-place graphs of a bundle exported with ``decoder="inplace"`` or ``"both"``);
 - ``ref=NAME``: the variant whose greedy codes this one must reproduce (default: the first variant
   over the same bundle folder; a variant with another decoder, e.g. another block size, is its own).
 
@@ -48,7 +50,7 @@ from bench_generation import _commit, _load, append_rows  # noqa: E402  (one def
 RESULTS = ROOT / "benchmarks" / "results" / "step.csv"
 FIELDS = ["op", "impl", "shape", "metric", "median", "p20", "p80", "machine", "commit", "load"]
 PROMPT = "lively folk dance with violin and flute"
-KEYS = {"io", "spin", "denormal", "opt", "ort", "arena", "ref"}
+KEYS = {"io", "spin", "denormal", "opt", "ort", "arena", "ref", "decoder"}
 
 
 def parse_variant(spec: str) -> dict:
@@ -80,7 +82,7 @@ def make_runtime(bundle: Path, dtype: str | None, opts: dict, threads: int):
     return MusicgenOnnx(bundle, threads=threads, dtypes={"decoder_model_merged": dtype} if dtype else None,
                         ort_format=ort_format, io_binding=opts.get("io", "1") == "1",
                         low_memory=opts.get("arena", "1") == "0", graph_optimization=opts.get("opt", "all"),
-                        session_config=config)
+                        session_config=config, decoder=opts.get("decoder", "auto"))
 
 
 def worker(args) -> None:

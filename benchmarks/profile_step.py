@@ -19,7 +19,9 @@ session's ``model_run`` time minus the ``If`` (binding inputs and outputs).
 
 A variant is ``name=BUNDLE[:DTYPE]``: a bundle folder under ``--workdir`` (built by
 ``benchmarks/bench_generation.py --workdir``) and, optionally, the decoder file variant to load
-(``fp32`` loads ``onnx/decoder_model_merged.onnx``).
+(``fp32`` loads ``onnx/decoder_model_merged.onnx``). A bundle with the in-place decoder
+(``benchmarks/inplace_bundles.py``) is profiled on its ``decoder_step`` session (``cross_kv`` runs
+once per clip, outside the profile); its graph has no ``If``.
 """
 
 from __future__ import annotations
@@ -59,20 +61,22 @@ def worker(args) -> None:
     timings = Timings()
     rt.generate_codes(hidden, mask, max_new_tokens=args.tokens, guidance_scale=3.0, timings=timings)
     plain_ms = 1000 * timings.stages["decoder_cached_steps"] / (timings.decoder_steps - 1)
+    part = "decoder_step" if rt.decoder_kind == "inplace" else "decoder_model_merged"
     with tempfile.TemporaryDirectory(prefix="kdq-profile-") as tmp:
         opts = ort.SessionOptions()
         opts.intra_op_num_threads, opts.inter_op_num_threads = args.threads, 1
         opts.enable_profiling = True
         opts.profile_file_prefix = str(Path(tmp) / "decoder")
-        rt.sessions["decoder_model_merged"] = ort.InferenceSession(str(rt.files["decoder_model_merged"]), opts,
-                                                                   providers=["CPUExecutionProvider"])
+        rt.sessions[part] = ort.InferenceSession(str(rt.files[part]), opts, providers=["CPUExecutionProvider"])
         timings = Timings()
         rt.generate_codes(hidden, mask, max_new_tokens=args.tokens, guidance_scale=3.0, timings=timings)
         profiled_ms = 1000 * timings.stages["decoder_cached_steps"] / (timings.decoder_steps - 1)
-        events = json.loads(Path(rt.sessions["decoder_model_merged"].end_profiling()).read_text())
-    out = {"decoder_file": str(rt.files["decoder_model_merged"]), "decoder_bytes": rt.files["decoder_model_merged"].stat().st_size,
+        events = json.loads(Path(rt.sessions[part].end_profiling()).read_text())
+    agg = aggregate(events)
+    out = {"decoder_file": str(rt.files[part]), "decoder_bytes": rt.files[part].stat().st_size,
+           "decoder_kind": rt.decoder_kind, "nodes_per_step": round(sum(o["calls_per_step"] for o in agg["by_op"]), 1),
            "loop_ms_per_cached_step_unprofiled": round(plain_ms, 3),
-           "loop_ms_per_cached_step_profiled": round(profiled_ms, 3), **aggregate(events)}
+           "loop_ms_per_cached_step_profiled": round(profiled_ms, 3), **agg}
     print(json.dumps(out))
 
 
@@ -121,7 +125,8 @@ def main() -> None:
         res.update({"load_before": load_before, "load_after": _load(), "wall_s": round(time.perf_counter() - t, 1)})
         result["variants"][name] = res
         print(f"== {name}: loop {res['loop_ms_per_cached_step_unprofiled']} ms/step unprofiled, "
-              f"{res['loop_ms_per_cached_step_profiled']} profiled, model_run {res['model_run_ms_per_step']} ms "
+              f"{res['loop_ms_per_cached_step_profiled']} profiled, model_run {res['model_run_ms_per_step']} ms, "
+              f"{res['nodes_per_step']} nodes per step "
               f"(load {load_before} -> {res['load_after']})", flush=True)
         for c in res["by_category"]:
             print(f"   {c['category']:<40} {c['ms_per_step']:8.3f} ms  {100 * c['share']:5.1f}%", flush=True)

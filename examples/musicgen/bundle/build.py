@@ -28,18 +28,21 @@ from kdq.errors import KdqError, bad_value
 from kdq.export.atomic import save_onnx_atomic, write_text_atomic
 from kdq.export.merge import merge_decoders
 from kdq.export.onnx_export import compare_onnx, export_onnx, validate_onnx
-from musicgen.bundle.parts import GRAPHS, PARTS, TJS_DTYPE, DecoderStep, merged_checks, part_file
+from musicgen.bundle.parts import GRAPHS, INPLACE_KEY, PARTS, TJS_DTYPE, DecoderStep, merged_checks, part_file
 
 REPORT = "export_report.json"
 STAGING = ".export-"
+#: Values of ``export_bundle(decoder=...)``.
+DECODERS = ("merged", "inplace", "both")
 
 
 class BundleError(KdqError):
     """Bad arguments to the bundle export, or an output folder it must not write into."""
 
 
-def export_graphs(model, workdir: Path, *, atol: float = 1e-4) -> dict[str, dict[str, Any]]:
-    """Export every graph of ``bundle.parts.GRAPHS`` in fp32 and validate it on other shapes.
+def export_graphs(model, workdir: Path, *, atol: float = 1e-4, names: Any = None) -> dict[str, dict[str, Any]]:
+    """Export every graph of ``bundle.parts.GRAPHS`` (or those in ``names``) in fp32 and validate it on
+    other shapes.
 
     The tracer's warnings (``kdq.export.TraceWarning``: transformers' masking, cache and EnCodec code
     branch on shapes) are recorded in the report rather than printed: each graph is validated on
@@ -52,6 +55,8 @@ def export_graphs(model, workdir: Path, *, atol: float = 1e-4) -> dict[str, dict
 
     out = {}
     for g in GRAPHS:
+        if names is not None and g.name not in names:
+            continue
         module, outputs = g.wrap(model), g.outputs(model)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", TraceWarning)
@@ -155,7 +160,8 @@ def _install(stage: Path, out: Path, previous: list[str]) -> None:
 
 
 def export_bundle(model: Any, out: str | Path, *, plan: Any = "fp32", tokenizer: Any = None, atol: float = 1e-4,
-                  progress: bool = True, desc: str = "export", int4_block_size: int = 32) -> dict[str, Any]:
+                  progress: bool = True, desc: str = "export", int4_block_size: int = 32,
+                  decoder: str = "merged") -> dict[str, Any]:
     """Export ``model`` (a folder or hub id, or a loaded ``MusicgenForConditionalGeneration``) to ``out``.
 
     Args:
@@ -168,6 +174,11 @@ def export_bundle(model: Any, out: str | Path, *, plan: Any = "fp32", tokenizer:
         int4_block_size: block size of the plan's 4-bit weights (``MatMulNBits``). 32 is the default;
             on a 2-core x86 CPU a MusicGen-small decoder with 128 ran its cached step 1.16x faster
             (docs/device.md, "Loop options"), at a logit SNR 1.5 dB lower.
+        decoder: which decoder graphs the bundle holds. ``"merged"`` (the default):
+            ``decoder_model_merged``, the TorchScript export transformers.js loads. ``"inplace"``:
+            kdq's hand-written ``cross_kv`` and ``decoder_step`` graphs with a KV cache updated in place
+            (``musicgen.bundle.fast_decoder``; run by ``MusicgenOnnx``, not by transformers.js; no fp16
+            in the decoder). ``"both"``: both kinds (``MusicgenOnnx(decoder=...)`` picks one).
 
     Returns the export report (also written to ``out/export_report.json``).
     """
@@ -182,6 +193,13 @@ def export_bundle(model: Any, out: str | Path, *, plan: Any = "fp32", tokenizer:
     if isinstance(int4_block_size, bool) or not isinstance(int4_block_size, int) or int4_block_size < 16 \
             or int4_block_size & (int4_block_size - 1):
         raise bad_value(BundleError, "int4_block_size", int4_block_size, "a power of two >= 16 (MatMulNBits blocks)")
+    if decoder not in DECODERS:
+        raise bad_value(BundleError, "decoder", decoder, f"one of {list(DECODERS)}")
+    merged_too = decoder in ("merged", "both")
+    if decoder != "merged":
+        from musicgen.bundle.fast_decoder import check_inplace_plan
+
+        check_inplace_plan(model_obj, plan)
     out = Path(out)
     previous = _check_target(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -189,15 +207,17 @@ def export_bundle(model: Any, out: str | Path, *, plan: Any = "fp32", tokenizer:
     stage = Path(tempfile.mkdtemp(prefix=f".{out.name}{STAGING}", dir=out.parent))
     (stage / "pid").write_text(str(os.getpid()))
     try:
-        bar = tqdm(total=4, desc=desc, disable=not progress)
+        bar = tqdm(total=5 if decoder != "merged" else 4, desc=desc, disable=not progress)
         bar.set_postfix_str("export and validate graphs")
         work = stage / "_graphs"
         work.mkdir()
-        exported = export_graphs(model_obj, work, atol=atol)
+        names = [g.name for g in GRAPHS if merged_too or g.part != "decoder_model_merged"]
+        exported = export_graphs(model_obj, work, atol=atol, names=names)
+        parts = [p for p in PARTS if merged_too or p != "decoder_model_merged"]
         graphs = {name: Path(v["path"]) for name, v in exported.items()}
         bar.update(1)
         bar.set_postfix_str("apply the plan")
-        plan_report, dtypes = None, {p: "fp32" for p in PARTS}
+        plan_report, dtypes = None, {p: "fp32" for p in parts}
         if plan != "fp32":
             from musicgen.bundle.precision import apply_bundle_plan
 
@@ -206,11 +226,12 @@ def export_bundle(model: Any, out: str | Path, *, plan: Any = "fp32", tokenizer:
         bar.set_postfix_str("merge the decoder")
         import onnx
 
-        files = {part: stage / part_file(part, dtypes[part]) for part in PARTS}
+        files = {part: stage / part_file(part, dtypes[part]) for part in parts}
         (stage / "onnx").mkdir()
-        merged = merge_decoders(onnx.load(str(graphs["decoder_model"])), onnx.load(str(graphs["decoder_with_past_model"])))
-        save_onnx_atomic(merged, files["decoder_model_merged"])
-        del merged
+        if merged_too:
+            merged = merge_decoders(onnx.load(str(graphs["decoder_model"])), onnx.load(str(graphs["decoder_with_past_model"])))
+            save_onnx_atomic(merged, files["decoder_model_merged"])
+            del merged
         for part in ("text_encoder", "encodec_decode"):
             shutil.copyfile(graphs[part], files[part])
         bar.update(1)
@@ -227,11 +248,23 @@ def export_bundle(model: Any, out: str | Path, *, plan: Any = "fp32", tokenizer:
             if plan_report:
                 entry.update({k: v for k, v in plan_report["parts"][part].items() if k not in entry})
             report["parts"][part] = entry
+        inplace = None
+        if decoder != "merged":
+            from musicgen.bundle.fast_decoder import export_inplace
+
+            bar.set_postfix_str("in-place decoder graphs")
+            inplace = export_inplace(model_obj, stage / "onnx", plan, atol=atol, int4_block_size=int4_block_size)
+            report["parts"].update(inplace)
+            bar.update(1)
+        report["decoder"] = decoder
         report["bundle_bytes"] = sum(e["bytes"] for e in report["parts"].values())
         report["trace_warnings"] = {name: v["trace_warnings"] for name, v in exported.items() if v["trace_warnings"]}
         shutil.rmtree(work)
-        kv = plan_report["parts"]["decoder_model_merged"]["kv_cache_dtype"] if plan_report else "float32"
-        write_text_atomic(stage / "config.json", json.dumps(_bundle_config(model_obj, dtypes, kv), indent=2))
+        kv = plan_report["parts"]["decoder_model_merged"]["kv_cache_dtype"] if plan_report and merged_too else "float32"
+        config = _bundle_config(model_obj, dtypes, kv)
+        if inplace:
+            config[INPLACE_KEY] = {name: {"file": e["file"], "dtype": TJS_DTYPE[e["dtype"]]} for name, e in inplace.items()}
+        write_text_atomic(stage / "config.json", json.dumps(config, indent=2))
         write_text_atomic(stage / "generation_config.json", json.dumps(model_obj.generation_config.to_dict(), indent=2))
         if tok is not None:
             tok.save_pretrained(stage)

@@ -128,6 +128,9 @@ SUFFIX = {"fp32": "", "fp16": "_fp16", "int8": "_quantized", "int4": "_q4"}
 #: transformers.js's name of each dtype (``config.json["transformers.js_config"]["dtype"]``).
 TJS_DTYPE = {"fp32": "fp32", "fp16": "fp16", "int8": "q8", "int4": "q4"}
 _FROM_TJS = {v: k for k, v in TJS_DTYPE.items()}
+#: ``config.json`` key listing the in-place decoder's graphs (``musicgen.bundle.fast_decoder``): name ->
+#: ``{"file": "onnx/decoder_step_q4.onnx", "dtype": "int4"}``.
+INPLACE_KEY = "kdq_inplace_decoder"
 
 
 def plan_dtype(name: str) -> str:

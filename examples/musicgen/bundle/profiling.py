@@ -24,6 +24,8 @@ CATEGORY = {
     "MatMulInteger": "weight matmul", "Gemm": "weight matmul", "DynamicQuantizeLinear": "activation quantize",
     "Softmax": "attention (scores, softmax, values)", "MultiHeadAttention": "attention (scores, softmax, values)",
     "Attention": "attention (scores, softmax, values)", "Concat": "KV cache concat",
+    # the in-place decoder's self-attention: scores, softmax, values and the in-place cache write
+    "GroupQueryAttention": "attention (scores, softmax, values)",
     "LayerNormalization": "layer norm", "SkipLayerNormalization": "layer norm", "SimplifiedLayerNormalization": "layer norm",
     "Gelu": "GELU", "BiasGelu": "GELU", "FastGelu": "GELU", "Erf": "GELU",
     "Transpose": "reshape / transpose / copies", "Reshape": "reshape / transpose / copies",

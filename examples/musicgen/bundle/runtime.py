@@ -19,7 +19,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from kdq.errors import KdqError, bad_value
-from musicgen.bundle.parts import PARTS, SUFFIX, part_file, plan_dtype
+from musicgen.bundle.parts import INPLACE_KEY, PARTS, SUFFIX, part_file, plan_dtype
 from musicgen.bundle.streaming import check_stream_args, stream_decode
 
 MIN_FRAMES = 7  # EnCodec's first conv (kernel 7) pads by reflection; below 7 frames PyTorch pads differently
@@ -119,6 +119,12 @@ class MusicgenOnnx:
             of ``GRAPH_OPTIMIZATION`` (``.ort`` files were optimized when converted).
         session_config: extra session config entries (``SessionOptions.add_session_config_entry``),
             e.g. ``{"session.intra_op.allow_spinning": "0"}``.
+        decoder: which decoder graphs to run: ``"merged"`` (``decoder_model_merged``, the exported
+            decoder whose cache is concatenated every step), ``"inplace"`` (``cross_kv`` once per clip,
+            then ``decoder_step`` writing one position per step into preallocated cache buffers that an
+            IO binding binds once as both past and present; ``musicgen.bundle.fast_decoder``), or
+            ``"auto"`` (the in-place graphs when the bundle has them). ``io_binding`` applies to the
+            merged decoder only: the in-place loop always binds.
     """
 
     def __init__(
@@ -132,6 +138,7 @@ class MusicgenOnnx:
         low_memory: bool = False,
         graph_optimization: str = "all",
         session_config: dict[str, str] | None = None,
+        decoder: str = "auto",
     ):
         import onnxruntime as ort
         from tokenizers import Tokenizer
@@ -144,7 +151,20 @@ class MusicgenOnnx:
         gen_path = self.bundle / "generation_config.json"
         self.generation_config = json.loads(gen_path.read_text()) if gen_path.is_file() else {}
         tjs = self.config.get("transformers.js_config", {}).get("dtype", {})
-        self.dtypes = {p: (dtypes or {}).get(p, tjs.get(p, "fp32")) for p in PARTS}
+        inplace = self.config.get(INPLACE_KEY)
+        if decoder not in ("auto", "merged", "inplace"):
+            raise bad_value(BundleLoadError, "decoder", decoder, "one of ['auto', 'merged', 'inplace']")
+        if decoder == "auto":
+            decoder = "inplace" if inplace else "merged"
+        if decoder == "inplace" and not inplace:
+            raise bad_value(BundleLoadError, "decoder", decoder, f"'merged' or 'auto' for {bundle} (it has no in-place "
+                            "decoder graphs)", "re-export with export_bundle(..., decoder='inplace')")
+        if decoder == "merged" and "decoder_model_merged" not in tjs:
+            raise bad_value(BundleLoadError, "decoder", decoder, f"'inplace' or 'auto' for {bundle} (it has only the "
+                            "in-place decoder graphs)", "re-export with decoder='merged' or 'both'")
+        self.decoder_kind = decoder
+        parts = [p for p in PARTS if decoder == "merged" or p != "decoder_model_merged"]
+        self.dtypes = {p: (dtypes or {}).get(p, tjs.get(p, "fp32")) for p in parts}
         ext = ".ort" if ort_format else ".onnx"
         opts = ort.SessionOptions()
         if threads:
@@ -160,10 +180,17 @@ class MusicgenOnnx:
             opts.add_session_config_entry(str(key), str(value))
         self.files: dict[str, Path] = {}
         self.sessions = {}
-        for part in PARTS:
+        paths = {}
+        for part in parts:
             if plan_dtype(self.dtypes[part]) not in SUFFIX:
                 raise bad_value(BundleLoadError, f"dtype[{part}]", self.dtypes[part], f"one of {sorted(SUFFIX)}")
-            path = self.bundle / part_file(part, self.dtypes[part], ext)
+            paths[part] = part_file(part, self.dtypes[part], ext)
+        if decoder == "inplace":
+            for name, entry in inplace.items():
+                paths[name] = str(Path(entry["file"]).with_suffix(ext))
+                self.dtypes[name] = entry["dtype"]
+        for part, rel in paths.items():
+            path = self.bundle / rel
             if not path.is_file():
                 raise bad_value(BundleLoadError, "bundle", str(bundle), f"must hold {path.relative_to(self.bundle)}",
                                 "re-export, or convert with --ort-format" if ort_format else "re-export the bundle")
@@ -182,6 +209,8 @@ class MusicgenOnnx:
         self.sampling_rate = self.config["audio_encoder"].get("sampling_rate", 32000)
         self.frame_rate = self.config["audio_encoder"].get("frame_rate") or 50
         self.io_binding = io_binding
+        self.max_positions = dec.get("max_position_embeddings", 2048)
+        self.vocab_size = dec["vocab_size"]
         self._types = {p: {i.name: _NP.get(i.type, np.float32) for i in s.get_inputs()} for p, s in self.sessions.items()}
 
     # -- stages ---------------------------------------------------------------------------------
@@ -273,21 +302,15 @@ class MusicgenOnnx:
         if cfg:
             hidden = np.concatenate([hidden, np.zeros_like(hidden)], 0)
             mask = np.concatenate([mask, np.zeros_like(mask)], 0)
-        sess = self.sessions["decoder_model_merged"]
-        types = self._types["decoder_model_merged"]
-        float_t = types.get("encoder_hidden_states", np.float32)
         max_length = 1 + max_new_tokens
         ids = np.full((b * k, 1), self.start_token_id, dtype=np.int64)
         pattern = build_delay_pattern(b * k, k, self.pad_token_id, max_length)
-        past_names = [n for n in (i.name for i in sess.get_inputs()) if n.startswith("past_key_values.")]
-        out_names = [o.name for o in sess.get_outputs()]
-        rows = hidden.shape[0]
-        past: dict = {n: np.zeros((rows, self.heads, 0, self.head_dim), dtype=types[n]) for n in past_names}
-        static = {"encoder_hidden_states": hidden.astype(float_t), "encoder_attention_mask": mask.astype(np.int64)}
-        if self.io_binding:
-            import onnxruntime as ort
-
-            static = {n: ort.OrtValue.ortvalue_from_numpy(v) for n, v in static.items()}
+        t0 = time.perf_counter()
+        if self.decoder_kind == "inplace":
+            run = self._inplace_decoder(hidden, mask, max_new_tokens=max_new_tokens)
+        else:
+            run = self._merged_decoder(hidden, mask)
+        timings.add("decoder_first_step", time.perf_counter() - t0)  # the in-place cross K/V: once per clip
         steps = range(max_new_tokens)
         if progress:
             from tqdm.auto import tqdm
@@ -300,6 +323,35 @@ class MusicgenOnnx:
                 dec_in = dec_in[:, -1:]
             if cfg:
                 dec_in = np.concatenate([dec_in, dec_in], 0)
+            logits = run(dec_in, step)
+            logits = logits.astype(np.float32)
+            if cfg:
+                cond, uncond = logits[: b * k], logits[b * k :]
+                logits = uncond + (cond - uncond) * guidance_scale
+            nxt = sample_next(logits, rng=rng, temperature=temperature, top_k=top_k, top_p=top_p)
+            ids = np.concatenate([ids, nxt[:, None].astype(np.int64)], 1)
+            timings.add("decoder_first_step" if step == 0 else "decoder_cached_steps", time.perf_counter() - t0)
+            timings.decoder_steps += 1
+            yield ids, pattern
+
+    def _merged_decoder(self, hidden: np.ndarray, mask: np.ndarray):
+        """``run(dec_in, step) -> logits (rows, vocab)`` over ``decoder_model_merged``: the exported graph
+        returns the cache concatenated with the new position, which the next step feeds back."""
+        sess = self.sessions["decoder_model_merged"]
+        types = self._types["decoder_model_merged"]
+        float_t = types.get("encoder_hidden_states", np.float32)
+        past_names = [n for n in (i.name for i in sess.get_inputs()) if n.startswith("past_key_values.")]
+        out_names = [o.name for o in sess.get_outputs()]
+        rows = hidden.shape[0]
+        past: dict = {n: np.zeros((rows, self.heads, 0, self.head_dim), dtype=types[n]) for n in past_names}
+        static = {"encoder_hidden_states": hidden.astype(float_t), "encoder_attention_mask": mask.astype(np.int64)}
+        if self.io_binding:
+            import onnxruntime as ort
+
+            static = {n: ort.OrtValue.ortvalue_from_numpy(v) for n, v in static.items()}
+
+        def run(dec_in: np.ndarray, step: int) -> np.ndarray:
+            nonlocal past
             flag = np.array([step > 0])
             if self.io_binding:
                 binding = sess.io_binding()
@@ -323,15 +375,59 @@ class MusicgenOnnx:
                 outs = sess.run(None, feed)
                 logits, present = outs[0], outs[1:]
             past = {n.replace("present.", "past_key_values.", 1): v for n, v in zip(out_names[1:], present)}
-            logits = logits[:, -1, :].astype(np.float32)
-            if cfg:
-                cond, uncond = logits[: b * k], logits[b * k :]
-                logits = uncond + (cond - uncond) * guidance_scale
-            nxt = sample_next(logits, rng=rng, temperature=temperature, top_k=top_k, top_p=top_p)
-            ids = np.concatenate([ids, nxt[:, None].astype(np.int64)], 1)
-            timings.add("decoder_first_step" if step == 0 else "decoder_cached_steps", time.perf_counter() - t0)
-            timings.decoder_steps += 1
-            yield ids, pattern
+            return logits[:, -1, :]
+
+        return run
+
+    def _inplace_decoder(self, hidden: np.ndarray, mask: np.ndarray, *, max_new_tokens: int):
+        """``run(dec_in, step) -> logits (rows, vocab)`` over the in-place graphs (``fast_decoder``).
+
+        Runs ``cross_kv`` once, allocates the self-attention cache for the whole clip (rows, heads,
+        ``max_new_tokens``, head_dim) per layer and binds it once as both ``past_*`` and ``present_*``
+        (``GroupQueryAttention`` then writes each new position in place), with the cross keys and
+        values, the mask and a logits buffer; each step rebinds only ``input_ids``, ``seqlens_k`` and
+        ``total_sequence_length``. One position per step (the first step is the start token).
+        """
+        import onnxruntime as ort
+
+        if max_new_tokens > self.max_positions:
+            raise bad_value(GenerationArgError, "max_new_tokens", max_new_tokens,
+                            f"<= {self.max_positions} (the decoder's max_position_embeddings) with the in-place decoder")
+        rows = hidden.shape[0]
+        mask64 = np.ascontiguousarray(mask.astype(np.int64))
+        cross_sess = self.sessions["cross_kv"]
+        cross = cross_sess.run(None, {"encoder_hidden_states": np.ascontiguousarray(hidden.astype(np.float32)),
+                                      "encoder_attention_mask": mask64})
+        sess = self.sessions["decoder_step"]
+        binding = sess.io_binding()
+        keep: list = [mask64, *cross]
+        binding.bind_cpu_input("encoder_attention_mask", mask64)
+        for out, value in zip(cross_sess.get_outputs(), cross):
+            binding.bind_cpu_input(out.name, value)
+        for i in range(self.num_layers):
+            for kv in ("key", "value"):
+                buf = np.zeros((rows, self.heads, max_new_tokens, self.head_dim), np.float32)
+                value = ort.OrtValue.ortvalue_from_numpy(buf)
+                keep += [buf, value]
+                binding.bind_ortvalue_input(f"past_{kv}.{i}", value)
+                binding.bind_ortvalue_output(f"present_{kv}.{i}", value)
+        logits = np.empty((rows * self.num_codebooks, 1, self.vocab_size), np.float32)
+        out = ort.OrtValue.ortvalue_from_numpy(logits)
+        keep += [logits, out]
+        binding.bind_ortvalue_output("logits", out)
+
+        def run(dec_in: np.ndarray, step: int) -> np.ndarray:
+            if dec_in.shape[1] != 1:
+                raise bad_value(GenerationArgError, "dec_in", dec_in.shape, "one position per step (in-place decoder)")
+            step_in = {"input_ids": np.ascontiguousarray(dec_in), "seqlens_k": np.full(rows, step, np.int32),
+                       "total_sequence_length": np.array(step + 1, np.int32)}
+            for name, value in step_in.items():
+                binding.bind_cpu_input(name, value)
+            sess.run_with_iobinding(binding)
+            return logits[:, -1, :]
+
+        run.bound_buffers = keep  # the numpy memory the bound values point to lives as long as `run`
+        return run
 
     def generate(self, prompts: str | Sequence[str], *, max_new_tokens: int, timings: Timings | None = None, **kwargs) -> np.ndarray:
         """Prompts -> float32 audio (B, channels, samples). ``kwargs`` go to ``generate_codes``."""
