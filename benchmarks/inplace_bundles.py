@@ -2,9 +2,10 @@
 random model, for the step and end-to-end benchmarks.
 
 Reads ``--model`` (bench_generation.py's ``WORKDIR/model``) and writes ``OUT/bundle_NAME`` for each
-``NAME=PLAN[:BLOCK]`` (PLAN one of bench_generation.py's plans: ``fp32``, ``int8dec``, ``int4dec``; BLOCK the
-4-bit block size). Prints one JSON line per bundle: export seconds, bytes, node counts, parity and
-conformance of the in-place graphs (the full report is the bundle's ``export_report.json``).
+``NAME=PLAN[:BLOCK]`` (PLAN one of bench_generation.py's plans: ``fp32``, ``int8dec``, ``int4dec``, or a
+plan JSON file such as the one bench_latency_plan.py writes; BLOCK the 4-bit block size). Prints one
+JSON line per bundle: export seconds, bytes, node counts, parity and conformance of the in-place
+graphs (the full report is the bundle's ``export_report.json``).
 
     flock /tmp/kdq-heavy.lock env PYTHONPATH=.:examples /work/main/.venv/bin/python benchmarks/inplace_bundles.py \\
         --model /tmp/kdq-bench14/small/model --out /tmp/kdq-bench14e/small \\
@@ -46,13 +47,16 @@ def main() -> None:
     ap.add_argument("--bundles", required=True, help="comma-separated NAME=PLAN[:BLOCK]")
     args = ap.parse_args()
     from bench_generation import plans
+
+    from kdq.quant import Plan
     from musicgen.bundle.build import export_bundle
 
     for spec in args.bundles.split(","):
         name, _, rest = spec.partition("=")
         plan_name, _, block = rest.partition(":")
         t = time.perf_counter()
-        report = export_bundle(args.model, Path(args.out) / f"bundle_{name}", plan=plans()[plan_name], decoder="inplace",
+        plan = Plan.load(plan_name) if plan_name.endswith(".json") else plans()[plan_name]
+        report = export_bundle(args.model, Path(args.out) / f"bundle_{name}", plan=plan, decoder="inplace",
                                int4_block_size=int(block or 32), progress=False)
         print(json.dumps({"name": name, "plan": plan_name, "block": int(block or 32),
                           "export_s": round(time.perf_counter() - t, 1), **summary(report)}), flush=True)
