@@ -36,19 +36,6 @@ def _load() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
 
 
-def inplace_bytes_per_step(step_file: Path) -> int:
-    """Weight bytes one ``decoder_step`` run reads: its weighted nodes except the embedding gathers (the
-    convention of ``bench_generation.streamed_bytes_per_step`` for the merged decoder)."""
-    import onnx
-
-    from kdq.export.precision import initializers, tensor_bytes, weight_input
-
-    m = onnx.load(str(step_file))
-    inits = initializers(m.graph)
-    return sum(tensor_bytes(w) for n in m.graph.node
-               if (w := weight_input(n, inits)) is not None and not n.op_type.startswith("Gather"))
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--workdir", required=True)
@@ -79,7 +66,7 @@ def main() -> None:
         from musicgen.bundle.parts import INPLACE_KEY, part_file
 
         if INPLACE_KEY in cfg:  # the in-place decoder (device_run.py runs it whenever the bundle has it)
-            per_step = inplace_bytes_per_step(Path(args.workdir) / folder / cfg[INPLACE_KEY]["decoder_step"]["file"])
+            per_step = streamed_bytes_per_step(Path(args.workdir) / folder / cfg[INPLACE_KEY]["decoder_step"]["file"])
         else:
             dt = cfg["transformers.js_config"]["dtype"]["decoder_model_merged"]
             per_step = streamed_bytes_per_step(Path(args.workdir) / folder / part_file("decoder_model_merged", dt))

@@ -12,7 +12,6 @@ Rows are appended to ``benchmarks/results/frechet.csv``
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import platform
 import subprocess
@@ -68,13 +67,9 @@ def main() -> None:
             print(f"D={d:4d} N={n:5d} {name:15s} median {med * 1e3:9.2f} ms  (p20 {p20 * 1e3:.2f}, p80 {p80 * 1e3:.2f})"
                   f"  rel. diff to reference {rel:.1e}")
     if not args.no_csv:
-        CSV_PATH.parent.mkdir(parents=True, exist_ok=True)
-        new = not CSV_PATH.exists()
-        with CSV_PATH.open("a", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=FIELDS)
-            if new:
-                w.writeheader()
-            w.writerows(rows)
+        from bench_generation import append_rows
+
+        append_rows(CSV_PATH, FIELDS, rows)
 
 
 if __name__ == "__main__":

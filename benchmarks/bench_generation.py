@@ -112,16 +112,17 @@ def plans():
 
 
 def streamed_bytes_per_step(decoder_file: Path) -> int:
-    """Weight bytes read by one cached decoder step: every weighted node of the cached branch except
-    embedding gathers (which read a few rows)."""
+    """Weight bytes read by one cached decoder step: every weighted node of the cached branch (the merged
+    decoder's ``If``; the whole graph of the in-place ``decoder_step``) except embedding gathers (which
+    read a few rows)."""
     import onnx
 
     from kdq.export.precision import initializers, tensor_bytes, weight_input
 
     m = onnx.load(str(decoder_file))
     inits = initializers(m.graph)
-    if_node = next(n for n in m.graph.node if n.op_type == "If")
-    cached = next(a.g for a in if_node.attribute if a.name == "then_branch")
+    if_node = next((n for n in m.graph.node if n.op_type == "If"), None)
+    cached = next(a.g for a in if_node.attribute if a.name == "then_branch") if if_node is not None else m.graph
     total = 0
     for node in cached.node:
         w = weight_input(node, inits)

@@ -145,16 +145,6 @@ def commit() -> str:
         return "unknown"
 
 
-def append_rows(rows: list[dict]) -> None:
-    CSV_PATH.parent.mkdir(parents=True, exist_ok=True)
-    new = not CSV_PATH.exists()
-    with CSV_PATH.open("a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=FIELDS)
-        if new:
-            w.writeheader()
-        w.writerows(rows)
-
-
 def render_table(path: Path = CSV_PATH) -> str:
     """A markdown table of the newest run in the CSV (rows sharing the last commit+machine)."""
     rows = [r for r in csv.DictReader(path.open()) if r["op"] == "stage_mixed_kl_fwd_bwd"]
@@ -237,7 +227,9 @@ def main() -> None:
                   f"extra peak memory {mem[fast] / mem['naive']:.3f}x naive (target <= 0.3)")
     print(f"machine: {mach}; uptime: {os.popen('uptime').read().strip()}")
     if not args.no_csv:
-        append_rows(rows)
+        from bench_generation import append_rows
+
+        append_rows(CSV_PATH, FIELDS, rows)
         print(f"appended {len(rows)} rows to {CSV_PATH.relative_to(ROOT)}")
 
 

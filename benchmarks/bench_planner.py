@@ -245,13 +245,9 @@ def main() -> None:
 
 
 def _append(out: Path, rows: list[dict]) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    new = not out.exists()
-    with out.open("a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=FIELDS)
-        if new:
-            w.writeheader()
-        w.writerows(rows)
+    from bench_generation import append_rows
+
+    append_rows(out, FIELDS, rows)
     print(f"appended {len(rows)} rows to {out}; load after: {_load()}", flush=True)
 
 

@@ -111,11 +111,15 @@ class _Graph:
         self.inputs: list = []
         self.outputs: list = []
         self.value_info: list = []
+        self._init_names: set[str] = set()
 
     def init(self, name: str, array: np.ndarray) -> str:
+        """Add an initializer; a name already added (a shared constant) is kept as it is."""
         from onnx import numpy_helper
 
-        self.inits.append(numpy_helper.from_array(np.ascontiguousarray(array), name=name))
+        if name not in self._init_names:
+            self._init_names.add(name)
+            self.inits.append(numpy_helper.from_array(np.ascontiguousarray(array), name=name))
         return name
 
     def const(self, name: str, values, dtype) -> str:
@@ -187,14 +191,14 @@ def _ln(g: _Graph, x: str, ln: nn.LayerNorm, module_name: str) -> str:
                   epsilon=float(ln.eps))
 
 
+def cache_names(layers: int, prefix: str) -> list[str]:
+    """``{prefix}_key.0, {prefix}_value.0, ...`` (prefix ``past``, ``present`` or ``cross``)."""
+    return [f"{prefix}_{kv}.{i}" for i in range(layers) for kv in ("key", "value")]
+
+
 def cross_kv_names(layers: int) -> list[str]:
     """``cross_key.0, cross_value.0, cross_key.1, ...``."""
-    return [f"cross_{kv}.{i}" for i in range(layers) for kv in ("key", "value")]
-
-
-def cache_names(layers: int, prefix: str) -> list[str]:
-    """``{prefix}_key.0, {prefix}_value.0, ...`` (prefix ``past`` or ``present``)."""
-    return [f"{prefix}_{kv}.{i}" for i in range(layers) for kv in ("key", "value")]
+    return cache_names(layers, "cross")
 
 
 def build_cross_kv(model):
@@ -310,17 +314,7 @@ def build_decoder_step(model):
                        "/decoder/Concat_1", axis=0)
     g.node("Reshape", [y, out_shape], "/decoder/Reshape", outputs=["logits"])
     g.outputs.insert(0, _io("logits", T.FLOAT, ["batch_size_x_codebooks", "sequence_length", d.vocab]))
-    _dedupe_inits(g)
     return g.model()
-
-
-def _dedupe_inits(g: _Graph) -> None:
-    seen, keep = set(), []
-    for t in g.inits:
-        if t.name not in seen:
-            seen.add(t.name)
-            keep.append(t)
-    g.inits = keep
 
 
 def check_inplace_plan(model, plan: Any) -> None:
