@@ -15,7 +15,8 @@ For each variant, on the same prompts (every test caption) with the same seeds:
 - CLAP score (the proxy's mean text-audio cosine), key accuracy (``eval.music``: the key estimated
   from the clip's chroma against the key its caption names; ceiling: the real test clips' own
   accuracy, chance 1/24), instrument accuracy (``eval.instrument``: a classifier trained on the
-  train split; ceiling: its accuracy on the real test clips, chance 1/12), each with an interval.
+  train split's real clips and their codec reconstructions; ceilings: its accuracy on the real test
+  clips and on their reconstructions, which is what a generator can reach; chance 1/12), each with an interval.
 
 Then every comparison of the ablation note (``COMPARISONS``: teacher against student_base, KD
 against CE, kdq's plan against the paper's, each plan against its fp32 model) as a paired bootstrap
