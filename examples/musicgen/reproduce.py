@@ -156,7 +156,6 @@ def instrument_stage(p: Preset, data: dict, tokens: dict, codec_dir: str, ctx: C
     """
     from musicgen.data.audiofolder import load_audio, read_split
     from musicgen.data.render import INSTRUMENTS
-    from musicgen.data.tokens import TokenDataset
     from musicgen.eval.instrument import instrument_accuracy, instrument_from_caption, train_instrument_classifier
     from musicgen.models.musicgen import load_musicgen
 
@@ -167,14 +166,7 @@ def instrument_stage(p: Preset, data: dict, tokens: dict, codec_dir: str, ctx: C
         return {"folder": None, "why": "the train captions name fewer than two instruments"}
     sr = tokens["sample_rate"]
     codec = load_musicgen(codec_dir).audio_encoder
-
-    def reconstructions(split: str) -> tuple[list, list[str]]:
-        ds = TokenDataset.load(tokens["paths"][split])
-        keep = [i for i, c in enumerate(ds.captions) if instrument_from_caption(c, names) is not None]
-        audio = codec_audio(codec, ds.codes[keep])
-        return audio, [ds.captions[i] for i in keep]
-
-    recon, recon_caps = reconstructions("train")
+    recon, recon_caps = reconstructions(codec, tokens["paths"]["train"], names)
     audio = [load_audio(c.path, sr) for c, _ in clips] + recon
     labels = [n for _, n in clips] + [instrument_from_caption(c, names) for c in recon_caps]
     clf = train_instrument_classifier(audio, labels, sr, classes=names)
@@ -184,19 +176,25 @@ def instrument_stage(p: Preset, data: dict, tokens: dict, codec_dir: str, ctx: C
         real = [(c, n) for c, n in ((c, instrument_from_caption(c.text, names)) for c in read_split(data["root"], "valid"))
                 if n is not None]
         if real:
-            v_audio, v_caps = reconstructions("valid")
+            v_audio, v_caps = reconstructions(codec, tokens["paths"]["valid"], names)
             out["valid"] = {"real": instrument_accuracy([load_audio(c.path, sr) for c, _ in real], [n for _, n in real], sr,
                                                         classifier=clf).accuracy,
                             "reconstruction": instrument_accuracy(v_audio, v_caps, sr, classifier=clf).accuracy}
     return out
 
 
-def codec_audio(codec, codes, batch: int = 25) -> list:
-    """Audio clips (numpy) decoded from codes ``[N, K, T]`` by an EnCodec codec."""
+def reconstructions(codec, tokens_path: str, names, batch: int = 25) -> tuple[list, list[str]]:
+    """(audio, captions) of a token file's clips whose caption names one of ``names``, decoded by ``codec``."""
+    from musicgen.data.tokens import TokenDataset
+    from musicgen.eval.instrument import instrument_from_caption
     from musicgen.models.codec import decode
 
+    ds = TokenDataset.load(tokens_path)
+    keep = [i for i, c in enumerate(ds.captions) if instrument_from_caption(c, names) is not None]
+    codes = ds.codes[keep]
     with torch.no_grad():
-        return [a.numpy() for i in range(0, len(codes), batch) for a in decode(codec, codes[i : i + batch])]
+        audio = [a.numpy() for i in range(0, len(codes), batch) for a in decode(codec, codes[i : i + batch])]
+    return audio, [ds.captions[i] for i in keep]
 
 
 def evaluate_stage(p: Preset, specs: dict, data: dict, tokens: dict, ctx: Context) -> dict:
@@ -218,15 +216,14 @@ def evaluate_stage(p: Preset, specs: dict, data: dict, tokens: dict, ctx: Contex
     judges = Judges(embedders, [load_audio(c.path, sr) for c in clips], [c.text for c in clips], sr,
                     InstrumentClassifier.load(folder) if folder else None, n_boot=cfg.bootstrap, seed=p.seed)
     if folder:  # the ceiling a generator can reach: the classifier on the codec's reconstructions of the test clips
-        from musicgen.data.tokens import TokenDataset
-        from musicgen.eval.instrument import instrument_accuracy, instrument_from_caption
+        from musicgen.eval.instrument import instrument_accuracy
         from musicgen.models.musicgen import load_musicgen
 
-        test = TokenDataset.load(tokens["paths"]["test"])
-    if folder and any(instrument_from_caption(c, judges.instrument.labels) for c in test.captions):
-        recon = codec_audio(load_musicgen(specs["teacher"][0]).audio_encoder, test.codes)
-        judges.ceilings["instrument_accuracy_reconstruction"] = instrument_accuracy(
-            recon, test.captions, sr, classifier=judges.instrument).accuracy
+        recon, caps = reconstructions(load_musicgen(specs["teacher"][0]).audio_encoder, tokens["paths"]["test"],
+                                      judges.instrument.labels)
+        if recon:
+            judges.ceilings["instrument_accuracy_reconstruction"] = instrument_accuracy(
+                recon, caps, sr, classifier=judges.instrument).accuracy
     result = evaluate_variants(specs, prompts=prompts, judges=judges, test_tokens=tokens["paths"]["test"], cfg=cfg,
                                folder=ctx.folder, root=ctx.folder.parent, seed=p.seed, progress=ctx.progress)
     return {**result, "embedders": {e.key: label(e) for e in embedders},
