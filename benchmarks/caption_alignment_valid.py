@@ -19,23 +19,22 @@ Parts (second argument, comma-separated; all by default):
 ``runs/mini`` is a main-job folder whose ``render`` and ``tokens`` stages have run. Results:
 ``benchmarks/results/caption_alignment_valid_<parts>.json``.
 """
-import sys, json, time, re
+import sys, json, time
 ROOT_DIR = __import__("pathlib").Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT_DIR), str(ROOT_DIR / "examples")]
 import numpy as np
 import torch
-import torch.nn.functional as F
 from pathlib import Path
 
 from musicgen.data.audiofolder import load_audio, read_split
-from musicgen.data.render import INSTRUMENTS, SOURCES, FOLK_FORMS
+from musicgen.data.render import INSTRUMENTS
+from musicgen.eval.alignment import ATTRIBUTES, attribute_values, caption_gain, swap_attribute
 from musicgen.data.tokens import TokenDataset
 from musicgen.eval.instrument import train_instrument_classifier, instrument_accuracy, InstrumentClassifier
 from musicgen.eval.music import key_accuracy, MelChromaEmbedder
 from musicgen.eval.generate import generate
 from musicgen.models.musicgen import load_musicgen, load_tokenizer
 from musicgen.models.codec import decode
-from musicgen.train.objectives import conditioned_logits
 
 torch.set_num_threads(2)
 torch.set_flush_denormal(True)
@@ -56,63 +55,25 @@ train = read_split(root, "train")
 ds = TokenDataset.load(tokp["valid"])
 assert [c.text for c in valid] == ds.captions
 NAMES = [n for _, n in INSTRUMENTS]
-KEYS = sorted({c.meta["key"] for c in train})
-TEMPOS = ["slow", "moderate", "lively", "fast"]
-STYLES = sorted({s.style for s in SOURCES.values()} | {f"folk {f}" for f in FOLK_FORMS}, key=len, reverse=True)
+VALUES = attribute_values([c.meta for c in valid], ds.captions)
 
 
-def swap(caption, meta, attr, i):
-    rng = np.random.default_rng(i)
-    if attr == "instrument":
-        own = meta["instrument"]; pool = [n for n in NAMES if n != own]
-    elif attr == "key":
-        own = meta["key"]; pool = [k for k in KEYS if k.split()[0] != own.split()[0]]
-    elif attr == "tempo":
-        own = meta["tempo"]; pool = [t for t in TEMPOS if t != own]
-    else:
-        own = next(s for s in STYLES if s.lower() in caption.lower())
-        pool = [s for s in STYLES if s != own and not s.startswith("folk ")] + (["folk reel"] if not own.startswith("folk") else [])
-    new = pool[int(rng.integers(len(pool)))]
-    pat = re.compile(rf"\b{re.escape(own)}\b", re.IGNORECASE)
-    m = pat.search(caption)
-    assert m, (attr, own, caption)
-    rep = new if not m.group(0)[0].isupper() else new[0].upper() + new[1:]
-    return caption[: m.start()] + rep + caption[m.end():]
-
-
-@torch.no_grad()
-def nll_pos(model, tok, codes, captions, batch=25):
-    outs = []
-    for i in range(0, len(captions), batch):
-        c = codes[i:i + batch]
-        logits, labels, mask = conditioned_logits(model, tok, c, captions[i:i + batch], torch.zeros(len(c), dtype=torch.bool))
-        lp = F.log_softmax(logits.float(), -1).gather(-1, labels.masked_fill(~mask, 0)[..., None])[..., 0]
-        outs.append((-lp).masked_fill(~mask, float("nan")))
-    return torch.cat(outs)  # [N, K, T'] nan at padding
-
-
-def summ(d):
-    return round(float(np.nanmean(d)), 4)
+def swap(caption, attr, i):
+    own, pools = VALUES[attr]
+    return swap_attribute(caption, own[i], pools[i], np.random.default_rng(i))
 
 
 if "gain" in WHAT:
     t0 = time.time()
     for name, path in (("teacher", TEACHER), ("student_base", STUDENT)):
         model, tok = load_musicgen(path), load_tokenizer(path)
-        own = nll_pos(model, tok, ds.codes, ds.captions)
-        row = {"nll": summ(own), "nll_first_s": summ(own[..., :50])}
-        drop_caps = [""] * len(ds)
-        for attr in ("instrument", "key", "tempo", "style", "all", "empty"):
-            if attr == "all":
-                caps = [ds.captions[(i + len(ds) // 2) % len(ds)] for i in range(len(ds))]
-            elif attr == "empty":
-                caps = [""] * len(ds)
-            else:
-                caps = [swap(c, v.meta, attr, i) for i, (c, v) in enumerate(zip(ds.captions, valid))]
-            sw = nll_pos(model, tok, ds.codes, caps)
-            d = (sw - own)
-            row[attr] = {"gain": summ(d), "gain_first_s": summ(d[..., :50]), "gain_first_10": summ(d[..., :10]),
-                         "gain_cb0": summ(d[:, 0])}
+        alts = {attr: [swap(c, attr, i) for i, c in enumerate(ds.captions)] for attr in ATTRIBUTES}
+        alts["all"] = [ds.captions[(i + len(ds) // 2) % len(ds)] for i in range(len(ds))]
+        alts["empty"] = [""] * len(ds)
+        gains = caption_gain(model, tok, ds, alts, batch=25)
+        row = {"nll": round(gains["empty"]["own_nll"], 4),
+               **{a: {"gain": round(g["gain"], 4), "gain_ci": [round(x, 4) for x in g["gain_ci"]],
+                      "gain_cb0": round(g["gain_cb0"], 4)} for a, g in gains.items()}}
         out[f"gain_{name}"] = row
         print(name, json.dumps(row), flush=True)
     print("gain time", time.time() - t0, flush=True)
@@ -137,7 +98,7 @@ if "text" in WHAT:
         classes = sorted(set(ytr))
         cent = np.stack([htr[ytr == k].mean(0) for k in classes])
         pred = np.array(classes)[((hva[:, None] - cent[None]) ** 2).sum(-1).argmin(1)]
-        swapped = pooled([swap(c, v.meta, attr, i) for i, (c, v) in enumerate(zip(ds.captions, valid))]) if attr != "source" else None
+        swapped = pooled([swap(c, attr, i) for i, c in enumerate(ds.captions)]) if attr != "source" else None
         rel = None if swapped is None else float(np.linalg.norm(swapped - hva, axis=1).mean() / np.linalg.norm(hva - hva.mean(0), axis=1).mean())
         res[attr] = {"centroid_acc": round(float((pred == yva).mean()), 3), "chance": round(1 / len(classes), 3),
                      "swap_shift_rel_spread": None if rel is None else round(rel, 3)}

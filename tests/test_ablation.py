@@ -41,6 +41,8 @@ def test_paired_comparison_tells_a_better_variant_and_says_within_noise_for_equa
     assert lo < hi
     assert rows["good"]["key_accuracy"] == 1.0 and rows["bad"]["key_accuracy"] < 0.5
     assert "instrument_accuracy" not in rows["good"]  # no classifier: nothing scored, nothing invented
+    # dynamics: held chords against the same chords plucked (fast decays), ceiling from the reference
+    assert 0 <= judges.ceilings["frame_std"] < 0.5 and rows["good"]["frame_std_ci"][0] <= rows["good"]["frame_std"]
 
     better = judges.compare(items["good"], items["bad"])
     assert better["fad_mel-chroma"]["estimate"] < 0 and not better["fad_mel-chroma"]["within_noise"]
@@ -53,6 +55,21 @@ def test_paired_comparison_tells_a_better_variant_and_says_within_noise_for_equa
     variants = {"student_kd_kdq_plan": {"bytes": 1}, "student_kd_paper_plan": {"bytes": 2}}
     note = ablation_note(variants, comparisons)
     assert "(good better)" in note and "within noise" in note
+
+
+def test_frame_std_comparison_says_which_is_more_dynamic_not_which_is_better():
+    captions = ["A slow chorale in C major played on piano."] * 12
+    judges, _ = _judges(captions)
+    held = [_chord(C_MAJOR, seed=100 + i) for i in range(12)]
+    env = np.exp(-(np.arange(SR) / SR % 0.25) * 20.0).astype(np.float32)
+    plucked = [_chord(C_MAJOR, seed=300 + i) * env for i in range(12)]
+    (rh, ih), (rp, ip) = judges.score(held, captions), judges.score(plucked, captions)
+    assert rp["frame_std"] > rh["frame_std"] + 0.2
+    c = judges.compare(ip, ih)
+    assert c["frame_std"]["low"] > 0
+    note = ablation_note({"student_kd_kdq_plan": {"bytes": 1}, "student_kd_paper_plan": {"bytes": 2}},
+                         {"plucked - held": {"a": "plucked", "b": "held", "question": "q", **c}})
+    assert "(plucked more dynamic)" in note
 
 
 def test_captions_without_keys_skip_key_accuracy():

@@ -7,6 +7,8 @@ import math
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from musicgen.eval.music import (
     ChromaEmbedder,
@@ -18,6 +20,7 @@ from musicgen.eval.music import (
     chroma,
     chroma_correlation,
     estimate_key,
+    frame_std,
     key_accuracy,
     key_from_caption,
     log_mel_frames,
@@ -323,6 +326,29 @@ def test_log_mel_peak_band_holds_the_tone():
                          sampling_rate=SR, norm="slaney", mel_scale="slaney")
     band = int(np.argmax(mel[:, mel.shape[1] // 2]))
     assert fb[int(round(1000 / (SR / 1024))), band] > 0  # the band's filter covers 1 kHz
+
+
+def test_frame_std_matches_a_plain_reference_and_reads_dynamics():
+    rng = np.random.default_rng(0)
+    noise = rng.normal(size=4 * SR)
+    ref = log_mel_frames(noise, SR).std(axis=1).mean()  # the definition, written out
+    assert frame_std([noise], SR)[0] == pytest.approx(ref, rel=1e-5)
+    # two levels of the same sound, a factor 100 apart in amplitude, half the frames each: log10(100) = 2
+    gated = noise * np.where(np.arange(len(noise)) < len(noise) // 2, 1.0, 0.01)
+    steady, two_level = frame_std([noise, gated], SR)
+    assert steady < 0.4 and two_level == pytest.approx(np.sqrt(2.0**2 + steady**2), abs=0.15)
+    # a plucked note (fast decay) is more dynamic than the same note held
+    held = tone(60, 4.0)
+    plucked = held * np.exp(-(np.arange(len(held)) / SR % 0.5) * 12.0)
+    assert frame_std([plucked], SR)[0] > frame_std([held], SR)[0] + 0.3
+
+
+@given(st.floats(0.05, 20.0))
+@settings(max_examples=15, deadline=None)
+def test_frame_std_does_not_depend_on_gain(gain):
+    x = np.random.default_rng(1).normal(size=SR) * 0.1
+    a, b = frame_std([x, gain * x], SR)
+    assert b == pytest.approx(a, abs=1e-4)
 
 
 # ---------------------------------------------------------------------------------- instruments

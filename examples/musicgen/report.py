@@ -102,7 +102,8 @@ def _pct(x: float | None) -> str:
 def _table(header: list[str], rows: list[list[str]], cls: str = "") -> str:
     head = "".join(f"<th>{h}</th>" for h in header)
     body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in rows)
-    return f'<table class="{cls}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+    # a wide table scrolls inside its box instead of pushing the page wider than the window
+    return f'<div class="scroll"><table class="{cls}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>'
 
 
 def _png(fig) -> str:
@@ -384,7 +385,7 @@ def _ablation(results: dict) -> str:
             continue
         if v.get("skipped") and v.get("bytes") is None:
             rows.append([f"<code>{name}</code>", html.escape(VARIANTS.get(name, "")),
-                         f'<span class="skip">skipped: {html.escape(str(v["skipped"]))}</span>', *[""] * 8])
+                         f'<span class="skip">skipped: {html.escape(str(v["skipped"]))}</span>', *[""] * 9])
             continue
         size = _pct(1 - v["bytes"] / fp32) if fp32 and v.get("bytes") else "n/a"
         ret = v.get("retention") or {}
@@ -397,15 +398,20 @@ def _ablation(results: dict) -> str:
                      _with_ci(v.get("clap"), clap_ci),
                      _with_ci(v.get("key_accuracy"), v.get("key_accuracy_ci")),
                      _with_ci(v.get("instrument_accuracy"), v.get("instrument_accuracy_ci")),
+                     _with_ci(v.get("frame_std"), v.get("frame_std_ci")),
                      _fmt(v.get("nll")), _fmt(v.get("nll_cb0")), _fmt(v.get("kl_teacher"), 4), ret_s])
     note = html.escape(results.get("ablation_note", ""))
     ceil = results.get("ceilings") or {}
     ceil_s = "; ".join(f"{k.replace('_', ' ')} of the real test clips {_fmt(ceil[k])} (chance {_fmt(ceil.get(k + '_chance'))})"
                        for k in ("key_accuracy", "instrument_accuracy") if k in ceil)
+    ceil_s += "".join(f"; {label} {_fmt(ceil[k])}" for k, label in (
+        ("instrument_accuracy_reconstruction", "instrument accuracy of their codec reconstructions (what a generator can reach)"),
+        ("frame_std", "frame std of the real test clips"), ("frame_std_reconstruction", "of their reconstructions"))
+        if k in ceil)
     return ('<section id="ablation"><h2>Ablation</h2>'
             + _table(["variant", "what", "bytes", "smaller than student fp32", "FAD [95% interval]",
                       "FAD chroma (pitch)", "CLAP",
-                      "key accuracy", "instrument accuracy", "held-out NLL (nats/token)", "NLL codebook 1",
+                      "key accuracy", "instrument accuracy", "frame std (dynamics)", "held-out NLL (nats/token)", "NLL codebook 1",
                       "KL to teacher", "retention"], rows, "ablation")
             + (f"<p class='note'>Ceilings: {html.escape(ceil_s)}.</p>" if ceil_s else "")
             + _comparisons(results)
@@ -423,7 +429,7 @@ def _with_ci(value: Any, ci: Any) -> str:
 COMPARISON_METRICS = (("FAD mel-chroma", "fad_mel-chroma"), ("KAD mel-chroma", "kad_mel-chroma"),
                       ("FAD chroma (pitch)", "fad_chroma"), ("NLL", "nll"),
                       ("key acc.", "key_accuracy"), ("instrument acc.", "instrument_accuracy"),
-                      ("CLAP proxy", "clap_clap-mini-proxy"))
+                      ("CLAP proxy", "clap_clap-mini-proxy"), ("frame std", "frame_std"))
 
 
 def _comparisons(results: dict) -> str:
@@ -557,7 +563,7 @@ def _environment(results: dict) -> str:
 CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;max-width:1180px;margin:2em auto;padding:0 1em;color:#222}
 h1{font-size:1.6em}h2{border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:1.6em}h3{font-size:1em}
-table{border-collapse:collapse;margin:.6em 0;font-size:.88em}th,td{border:1px solid #ccc;padding:.3em .55em;text-align:left;vertical-align:top}
+.scroll{overflow-x:auto;max-width:100%}table{border-collapse:collapse;margin:.6em 0;font-size:.88em}th,td{border:1px solid #ccc;padding:.3em .55em;text-align:left;vertical-align:top}
 th{background:#f3f3f3}code{font-size:.9em;background:#f6f6f6;padding:0 .2em}.skip{color:#a33}.note{color:#555;font-size:.9em}
 figure{margin:1em 0}img{max-width:100%}audio{width:100%;height:2.2em}
 .banner{background:#fff3cd;border:2px solid #c90;padding:.7em 1em;font-weight:600;margin:1em 0}

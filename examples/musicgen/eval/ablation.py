@@ -16,7 +16,9 @@ For each variant, on the same prompts (every test caption) with the same seeds:
   from the clip's chroma against the key its caption names; ceiling: the real test clips' own
   accuracy, chance 1/24), instrument accuracy (``eval.instrument``: a classifier trained on the
   train split's real clips and their codec reconstructions; ceilings: its accuracy on the real test
-  clips and on their reconstructions, which is what a generator can reach; chance 1/12), each with an interval.
+  clips and on their reconstructions, which is what a generator can reach; chance 1/12), and the
+  clips' dynamics (``eval.music.frame_std``; ceilings: the real test clips' and their
+  reconstructions'), each with an interval.
 
 Then every comparison of the ablation note (``COMPARISONS``: teacher against student_base, KD
 against CE, kdq's plan against the paper's, each plan against its fp32 model) as a paired bootstrap
@@ -47,6 +49,8 @@ COMPARISONS = (
 #: metric -> True when lower is better.
 LOWER_IS_BETTER = {"fad": True, "kad": True, "nll": True, "kl_teacher": True, "clap": False, "key_accuracy": False,
                    "instrument_accuracy": False}
+#: metrics with no better direction, only a description of the difference ("more dynamic" when A - B > 0).
+DESCRIBED = {"frame_std": "more dynamic"}
 #: the headline FAD's embedder, in order of preference (a model-free or published embedder first).
 FAD_ORDER = ("vggish", "mel-chroma", "clap", "encodec", "clap-mini-proxy")
 
@@ -91,11 +95,12 @@ class Judges:
     def __init__(self, embedders: list, reference: list[np.ndarray], captions: list[str], sample_rate: int,
                  instrument, *, n_boot: int, seed: int):
         from musicgen.eval.instrument import instrument_accuracy
-        from musicgen.eval.music import key_accuracy, key_from_caption
+        from musicgen.eval.music import frame_std, key_accuracy, key_from_caption
 
         self.embedders, self.sr, self.instrument, self.n_boot, self.seed = embedders, sample_rate, instrument, n_boot, seed
         self.reference = {e.key: e.units(reference, sample_rate) for e in embedders}
-        self.ceilings: dict[str, Any] = {"reference_clips": len(reference)}
+        self.ceilings: dict[str, Any] = {"reference_clips": len(reference),
+                                         "frame_std": float(frame_std(reference, sample_rate).mean())}
         self.keys = any(key_from_caption(c) for c in captions)  # a user's captions may name no key
         if self.keys:
             real_key = key_accuracy(reference, captions, sample_rate)
@@ -108,7 +113,7 @@ class Judges:
         """(the row's figures, the per-item values the comparisons resample)."""
         from kdq.metrics import clap_scores, frechet_bootstrap, kad_bootstrap
         from musicgen.eval.instrument import instrument_accuracy
-        from musicgen.eval.music import key_accuracy
+        from musicgen.eval.music import frame_std, key_accuracy
 
         row: dict[str, Any] = {}
         items: dict[str, Any] = {"units": {}}
@@ -124,6 +129,9 @@ class Judges:
                 items[f"clap_{e.key}"] = cos
                 row[f"clap_score_{e.key}"] = float(cos.mean())
                 row[f"clap_score_{e.key}_ci"] = _mean_interval(cos, self.n_boot, self.seed)
+        items["frame_std"] = frame_std(audio, self.sr)
+        row.update({"frame_std": float(items["frame_std"].mean()),
+                    "frame_std_ci": _mean_interval(items["frame_std"], self.n_boot, self.seed)})
         if self.keys:
             key = key_accuracy(audio, prompts, self.sr)
             items["key_accuracy"] = np.array(key.per_item)
@@ -243,12 +251,17 @@ def ablation_note(variants: dict, comparisons: dict | None = None) -> str:
         a, b = c["a"], c["b"]
         parts = []
         for metric in ("fad_mel-chroma", "kad_mel-chroma", "fad_chroma", "kad_chroma", "nll", "kl_teacher", "key_accuracy", "instrument_accuracy",
-                       "clap_clap-mini-proxy"):
+                       "clap_clap-mini-proxy", "frame_std"):
             est = c.get(metric)
             if not est or (metric == "kl_teacher" and "teacher" in (a, b)):
                 continue
-            better = (est["estimate"] < 0) == LOWER_IS_BETTER[_kind(metric)]
-            verdict = "within noise" if est["within_noise"] else (f"{a} better" if better else f"{b} better")
+            if est["within_noise"]:
+                verdict = "within noise"
+            elif metric in DESCRIBED:
+                verdict = f"{a if est['estimate'] > 0 else b} {DESCRIBED[metric]}"
+            else:
+                better = (est["estimate"] < 0) == LOWER_IS_BETTER[_kind(metric)]
+                verdict = f"{a} better" if better else f"{b} better"
             parts.append(f"{metric} {est['estimate']:+.3g} [{est['low']:.3g}, {est['high']:.3g}] ({verdict})")
         if parts:
             notes.append(f"{key} ({c['question']}): " + "; ".join(parts) + ".")

@@ -21,7 +21,8 @@ a semitone below about 260 Hz, so low notes smear into their neighbours there.
 Also here: ``chroma_correlation`` (per-frame Pearson, chance near 0), key estimation with key
 profiles and key accuracy against captions (``estimate_key``, ``key_from_caption``,
 ``key_accuracy``), ``midi_agreement`` of chroma frames with a score's sounding pitch classes, and
-``MelChromaEmbedder`` and its pitch part alone, ``ChromaEmbedder``, for FAD and KAD. Instrument accuracy lives in ``musicgen.eval.instrument``.
+``MelChromaEmbedder`` and its pitch part alone, ``ChromaEmbedder``, for FAD and KAD; ``frame_std``,
+the clips' dynamics. Instrument accuracy lives in ``musicgen.eval.instrument``.
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ __all__ = [
     "chroma_correlation",
     "chroma_frames",
     "estimate_key",
+    "frame_std",
     "key_accuracy",
     "key_from_caption",
     "key_scores",
@@ -517,6 +519,21 @@ def mel_chroma_frames(x: np.ndarray, sample_rate: int, cfg: MelChromaConfig = Me
     """Per-frame features [frames, n_mels + 12]: ``log_mel_frames`` then ``chroma_frames``."""
     mel = log_mel_frames(x, sample_rate, n_fft=cfg.n_fft, hop=cfg.hop, n_mels=cfg.n_mels)
     return np.concatenate([mel.T, chroma_frames(x, sample_rate, cfg)], axis=1)
+
+
+def frame_std(audio_batch, sample_rate: int, cfg: MelChromaConfig = MelChromaConfig()) -> np.ndarray:
+    """Dynamics per clip: the standard deviation over frames of log10 mel power, averaged over bands.
+
+    ``std_t(log_mel[b, t])`` averaged over the ``cfg.n_mels`` bands of ``log_mel_frames`` (the frames
+    ``MelChromaEmbedder`` sees, after resampling to ``cfg.sample_rate``), one value per clip
+    ``[N]``. A steady sound scores near 0; notes that start and decay, or rests, score higher;
+    a clip that alternates between two levels of the same sound ``a`` and ``b`` apart in amplitude
+    scores ``|log10(a / b)|`` (half the 2 log10 gap in power). It does not depend on the clip's gain
+    (above the 1e-6 power floor). Real renders of the mini world score about 1, its codec's
+    reconstructions about half that (docs/mini_world.md).
+    """
+    frames = MelChromaEmbedder(cfg).embed_frames(audio_batch, sample_rate)
+    return np.array([float(f[:, : cfg.n_mels].std(axis=0).mean()) for f in frames])
 
 
 class MelChromaEmbedder(AudioEmbedder):
