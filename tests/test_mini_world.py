@@ -98,6 +98,21 @@ def test_interrupted_stage_resumes_from_its_checkpoint(world):
     assert st["train"]["resumed_from"] == TOY.world.student.train.steps  # nothing was retrained
 
 
+def test_the_world_trains_on_more_renders_of_each_piece_than_the_main_job_renders():
+    from musicgen.config import ConfigError
+    from musicgen.world import recipe_digest, world_data
+
+    more = override(TOY, {"world.renders_per_piece": 3})
+    assert world_data(TOY) == TOY.data  # None: the preset's data
+    assert world_data(more).renders_per_piece == 3 and more.data.renders_per_piece == 1
+    assert world_data(more) == RenderConfig(**{**TOY.data.__dict__, "renders_per_piece": 3})
+    assert recipe_digest(more) != recipe_digest(TOY)  # the hub records it
+    with pytest.raises(ConfigError, match="renders_per_piece"):
+        WorldConfig(renders_per_piece=0)
+    mini = preset("mini")
+    assert world_data(mini).renders_per_piece > mini.data.renders_per_piece
+
+
 def test_presets_are_valid_and_smoke_is_small():
     smoke = preset("smoke")
     assert sum(smoke.data.pieces.values()) <= 8 and smoke.world.codec.train.steps <= 50

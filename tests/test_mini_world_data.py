@@ -71,6 +71,28 @@ def test_rendering_is_deterministic_and_independent_of_workers(rendered, tmp_pat
     assert json.loads((again / "stats.json").read_text())["clips"] == stats["clips"]
 
 
+def test_more_renders_keep_the_first_ones_and_give_each_its_own_instrument(rendered, tmp_path):
+    """The world renders more of each piece than the main job: render r must not depend on how many
+    are made (the main job's data is then a part of the world's), and a piece's renders use distinct
+    instruments (the instrument is not confounded with the piece)."""
+    root, _ = rendered
+    more = tmp_path / "more"
+    render_dataset(RenderConfig(**{**CFG.__dict__, "renders_per_piece": 3}), more, seed=SEED, progress=False)
+    for split in SPLITS:
+        first = {c.path.name: c for c in read_split(root, split)}
+        all_ = read_split(more, split)
+        again = {c.path.name: c for c in all_ if c.meta["render"] == 0}
+        assert again.keys() == first.keys()
+        for name, clip in first.items():
+            assert again[name].text == clip.text and again[name].path.read_bytes() == clip.path.read_bytes()
+        by_piece: dict[str, set] = {}
+        for c in all_:
+            by_piece.setdefault(c.meta["piece"], set()).add((c.meta["render"], c.meta["instrument"]))
+        for renders in by_piece.values():
+            assert len({r for r, _ in renders}) == len({i for _, i in renders}) == len(renders)
+    assert max(len(v) for v in by_piece.values()) == 3
+
+
 def test_other_seed_changes_the_choice():
     a = [p.key for p in select_pieces(CFG, seed=SEED)]
     b = [p.key for p in select_pieces(CFG, seed=SEED + 1)]

@@ -356,6 +356,9 @@ class WorldConfig(Config):
     """The mini world: rendered music, a codec, a text encoder, a teacher and ``student_base``.
 
     ``samples``: clips generated from test captions per model for the world's own figures.
+    ``renders_per_piece``: renders of each piece the world's models train on (``None``: the preset's
+    ``data.renders_per_piece``). Render ``r`` of a piece does not depend on how many are made, so the
+    main job's data (the first ``data.renders_per_piece`` renders) is a part of the world's.
     """
 
     codec: CodecConfig = CodecConfig()
@@ -364,6 +367,11 @@ class WorldConfig(Config):
     student: LMConfig = LMConfig()
     samples: int = 3
     sample_seconds: float = 4.0
+    renders_per_piece: int | None = None
+
+    def validate(self) -> None:
+        if self.renders_per_piece is not None:
+            _positive_ints(self, "renders_per_piece")
 
 
 # ----------------------------------------------------------------------------------------- stages
@@ -522,12 +530,13 @@ def _mini() -> Preset:
                             train=TrainConfig(steps=200, micro_batch=32, lr=1e-3, warmup_steps=0, weight_decay=0.0,
                                               max_grad_norm=0.0, betas=(0.9, 0.999), checkpoint_every=100)),
             teacher=LMConfig(DecoderConfig(hidden=256, layers=4, heads=8, ffn=1024),
-                             TrainConfig(steps=2400, micro_batch=8, lr=3e-3, warmup_steps=60, checkpoint_every=100,
+                             TrainConfig(steps=4000, micro_batch=8, lr=3e-3, warmup_steps=60, checkpoint_every=100,
                                          log_every=25)),
             student=LMConfig(DecoderConfig(hidden=128, layers=2, heads=4, ffn=512),
                              TrainConfig(steps=800, micro_batch=8, lr=3e-3, warmup_steps=60, checkpoint_every=100,
                                          log_every=25)),
             samples=3,
+            renders_per_piece=6,  # the LMs' data: 3x the main job's 2 renders, each render its own instrument
         ),
         # ce_weight 1: decided on the valid split (docs/reproduction.md). bf16 "on", not "auto": "auto"
         # times both on the first batch, so the choice (and the trained weights) followed the machine's

@@ -116,7 +116,9 @@ def models_and_data(p: Preset, pipe: Pipeline, *, from_scratch: bool) -> dict:
     if p.world is not None:
         card = hub_folder(p) / "card.json"
         hub = pipe.run("hub", {"card": sha256(card) if card.is_file() else None}, lambda c: verify_hub(p))
-        data = pipe.run("render", {"data": p.data, "seed": p.seed}, lambda c: render_stage(p, c))
+        from musicgen.data.render import RENDERER
+
+        data = pipe.run("render", {"data": p.data, "seed": p.seed, "renderer": RENDERER}, lambda c: render_stage(p, c))
         tokens = pipe.run("tokens", {"clip_seconds": p.data.clip_seconds},
                           lambda c: tokens_stage(hub["folders"]["codec"], data, c, clip_seconds=p.data.clip_seconds),
                           inputs=("render", "hub"))
@@ -222,8 +224,11 @@ def evaluate_stage(p: Preset, specs: dict, data: dict, tokens: dict, ctx: Contex
         recon, caps = reconstructions(load_musicgen(specs["teacher"][0]).audio_encoder, tokens["paths"]["test"],
                                       judges.instrument.labels)
         if recon:
+            from musicgen.eval.music import frame_std
+
             judges.ceilings["instrument_accuracy_reconstruction"] = instrument_accuracy(
                 recon, caps, sr, classifier=judges.instrument).accuracy
+            judges.ceilings["frame_std_reconstruction"] = float(frame_std(recon, sr).mean())
     result = evaluate_variants(specs, prompts=prompts, judges=judges, test_tokens=tokens["paths"]["test"], cfg=cfg,
                                folder=ctx.folder, root=ctx.folder.parent, seed=p.seed, progress=ctx.progress)
     return {**result, "embedders": {e.key: label(e) for e in embedders},

@@ -22,6 +22,7 @@ SHA-256 of every file), so the main job starts from pretrained checkpoints as th
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shlex
 import shutil
@@ -37,7 +38,7 @@ import torch
 
 from kdq.errors import KdqError
 from musicgen import flush_denormals
-from musicgen.config import CodecConfig, LMConfig, Preset, WorldConfig, digest, key_of, preset
+from musicgen.config import CodecConfig, LMConfig, Preset, RenderConfig, WorldConfig, digest, key_of, preset
 from musicgen.files import read_json, sha256, write_json
 from musicgen.pipeline import Context, Pipeline
 
@@ -53,13 +54,19 @@ class WorldError(KdqError):
 # ------------------------------------------------------------------------------------------ stages
 
 
-def render_stage(p: Preset, ctx: Context) -> dict:
-    """Render the dataset (audiofolder layout) into ``ctx.folder/data``."""
+def world_data(p: Preset) -> RenderConfig:
+    """The render recipe of the world's training data: the preset's, with the world's ``renders_per_piece``."""
+    n = p.world.renders_per_piece if p.world is not None else None
+    return p.data if n is None else dataclasses.replace(p.data, renders_per_piece=n)
+
+
+def render_stage(p: Preset, ctx: Context, data: RenderConfig | None = None) -> dict:
+    """Render the dataset (audiofolder layout) into ``ctx.folder/data``; ``data`` defaults to ``p.data``."""
     from musicgen.data.audiofolder import read_split
     from musicgen.data.render import render_dataset
 
     root = ctx.folder / "data"
-    stats = render_dataset(p.data, root, seed=p.seed, progress=ctx.progress)
+    stats = render_dataset(data or p.data, root, seed=p.seed, progress=ctx.progress)
     counts = {s: len(read_split(root, s)) for s in SPLITS}
     if not counts["train"] or not counts["test"]:
         raise WorldError(f"rendering produced too few clips {counts}; raise data.pieces")
@@ -197,7 +204,10 @@ def build_world(p: Preset, pipe: Pipeline) -> dict[str, dict]:
     w = p.world
     if w is None:
         raise WorldError(f"preset {p.name!r} has no world recipe")
-    pipe.run("render", {"data": p.data, "seed": p.seed}, lambda c: render_stage(p, c))
+    from musicgen.data.render import RENDERER
+
+    data = world_data(p)
+    pipe.run("render", {"data": data, "seed": p.seed, "renderer": RENDERER}, lambda c: render_stage(p, c, data))
     pipe.run("codec", {"codec": w.codec, "seed": p.seed}, lambda c: codec_stage(w.codec, p.seed, c), inputs=("render",))
     pipe.run("text", {"text": w.text, "seed": p.seed}, lambda c: text_stage(w, p.seed, c), inputs=("render",))
     pipe.run("tokens", {"clip_seconds": p.data.clip_seconds},
@@ -214,7 +224,9 @@ def build_world(p: Preset, pipe: Pipeline) -> dict[str, dict]:
 
 def recipe_digest(p: Preset) -> str:
     """What decides the world's products: the render recipe, the world recipe and the seed."""
-    return digest({"data": key_of(p.data), "world": key_of(p.world), "seed": p.seed})
+    from musicgen.data.render import RENDERER
+
+    return digest({"data": key_of(p.data), "world": key_of(p.world), "seed": p.seed, "renderer": RENDERER})
 
 
 def hub_folder(p: Preset) -> Path:

@@ -86,6 +86,11 @@ INSTRUMENTS: tuple[tuple[int, str], ...] = (
     (68, "oboe"),
 )
 
+#: What a ``RenderConfig`` renders also depends on this code: bump it when a change alters the audio,
+#: captions or metadata of a config (stage keys and the hub's recipe digest include it, so caches
+#: rendered by older code are redone). 2: each render of a piece has its own instrument.
+RENDERER = 2
+
 # Dance and form names found in fiddle-tune titles, used to refine "fiddle tune".
 FOLK_FORMS = ("reel", "jig", "hornpipe", "strathspey", "march", "waltz", "polka", "air", "schottische")
 
@@ -241,8 +246,11 @@ def render_piece(piece: Piece, cfg: RenderConfig, out: Path, *, seed: int) -> tu
     style = _style(piece.source, title)
     texture = _texture(n_parts, piece.source)
     sf2 = _sf2_path()
+    # Each render of a piece gets its own instrument (a seeded order, drawn before anything else, so
+    # render r is the same whatever renders_per_piece is): the instrument is not tied to the piece.
+    order = rng.permutation(len(INSTRUMENTS))
     for r in range(cfg.renders_per_piece):
-        program, instrument = INSTRUMENTS[int(rng.integers(len(INSTRUMENTS)))]
+        program, instrument = INSTRUMENTS[int(order[r % len(INSTRUMENTS)])]
         bpm = float(rng.uniform(*cfg.bpm_range))
         shift = int(rng.integers(-cfg.transpose_range, cfg.transpose_range + 1))
         try:
