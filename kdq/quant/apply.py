@@ -23,6 +23,10 @@ while converting, every module, tensor, hook and compute mark is restored, so th
 the one passed in. A model converted once is refused by a second ``apply_plan``: a plan is defined on
 the float model (int4 over int8, or fp16 over int4, is not that plan), so reload the float model and
 apply one plan with all the rules.
+
+On a transformers ``PreTrainedModel``, ``apply_plan`` also attaches kdq's ``hf_quantizer`` and
+``config.quantization_config`` (``kdq.quant.hf``), so ``save_pretrained`` writes a folder that
+``load_quantized`` restores exactly and that a plain ``from_pretrained`` refuses loudly.
 """
 
 from __future__ import annotations
@@ -350,6 +354,10 @@ def apply_plan(model: nn.Module, plan: Plan, *, check: bool = True) -> nn.Module
         raise
     conv.commit()
     model._kdq_plan = plan  # type: ignore[attr-defined]
+    from kdq.quant import hf
+
+    if hf.is_transformers_model(model):
+        hf.attach(model, plan)  # save_pretrained writes what load_quantized restores (kdq/quant/hf.py)
     return model
 
 

@@ -25,6 +25,10 @@ A plain ``from_pretrained`` on such a folder fails loudly (``OSError``: no ``mod
 ``pytorch_model.bin``); transformers 5.24 only warns about the unknown ``quant_method``, so the
 refusal rests on the weights' file name, and ``save_quantized`` refuses a folder that already holds
 weights under the names transformers reads (it would load those instead). Safetensors and JSON only.
+
+``load_quantized`` also reads the folder ``save_pretrained`` writes for a planned transformers model
+(format ``kdq.hf/1``: the plan in ``config.json``'s ``quantization_config``, the tensors in
+``model.safetensors``; see ``kdq.quant.hf``, which also makes plain ``from_pretrained`` refuse it).
 """
 
 from __future__ import annotations
@@ -118,6 +122,9 @@ def load_quantized(folder: str | os.PathLike[str], *, build: Callable[[], nn.Mod
 
     d = Path(folder)
     weights, plan_path = d / WEIGHTS_FILE, d / PLAN_FILE
+    qc = None if weights.is_file() or plan_path.is_file() else _hf_quantization_config(d)
+    if qc is not None:
+        return _load_save_pretrained_folder(d, qc, build)
     missing = [p.name for p in (weights, plan_path) if not p.is_file()]
     if missing:
         raise ModelFolderError(
@@ -139,14 +146,75 @@ def load_quantized(folder: str | os.PathLike[str], *, build: Callable[[], nn.Mod
             "two saves; save the model again"
         )
     plan = Plan.load(plan_path)
+    model = _build_planned(d, plan, build)
+    _load_exactly(model, tensors, weights)
+    return model.eval()
+
+
+def _build_planned(d: Path, plan: Plan, build: Callable[[], nn.Module] | None) -> nn.Module:
+    """The float model (``build()`` or from ``d/config.json``) with ``plan`` applied."""
     if build is None:
         model = model_from_config(d)
     else:
         model = build()
         if not isinstance(model, nn.Module):
             raise ModelFolderError(f"build() returned {type(model).__name__}: it must return the float nn.Module")
-    apply_plan(model, plan)
-    _load_exactly(model, tensors, weights)
+    return apply_plan(model, plan)
+
+
+def _hf_quantization_config(d: Path) -> dict[str, Any] | None:
+    """``quantization_config`` of ``d/config.json`` if ``save_pretrained`` wrote it for a kdq plan, else None."""
+    from kdq.quant import hf
+
+    try:
+        qc = json.loads((d / "config.json").read_text(encoding="utf-8")).get("quantization_config")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        return None
+    if isinstance(qc, dict) and qc.get("quant_method") == hf.QUANT_METHOD and qc.get("format") != FORMAT:
+        return qc
+    return None
+
+
+def _load_save_pretrained_folder(d: Path, qc: dict[str, Any], build: Callable[[], nn.Module] | None) -> nn.Module:
+    """A folder ``save_pretrained`` wrote for a planned model (``kdq/quant/hf.py``): plan in config.json,
+    tensors in ``model.safetensors`` (or its shards), placeholders under the replaced float names."""
+    from safetensors import SafetensorError, safe_open
+
+    from kdq.quant import hf
+
+    if qc.get("format") != hf.FORMAT or not isinstance(qc.get("plan"), str):
+        raise ModelFolderError(f"{d / 'config.json'} has a kdq quantization_config of format {qc.get('format')!r}: this kdq reads {hf.FORMAT!r}")
+    plan = Plan.from_json(qc["plan"])
+    index = d / "model.safetensors.index.json"
+    if (d / "model.safetensors").is_file():
+        files = [d / "model.safetensors"]
+    elif index.is_file():
+        try:
+            files = [d / f for f in sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))]
+        except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ModelFolderError(f"{index} is not a safetensors index ({e}); save the model again") from None
+    else:
+        raise ModelFolderError(f"folder={str(d)!r} has a kdq quantization_config but no model.safetensors; save the model again")
+    want = _sha256(qc["plan"])
+    tensors: dict[str, torch.Tensor] = {}
+    for f in files:
+        try:
+            with safe_open(str(f), "pt") as fh:
+                meta = fh.metadata() or {}
+                if meta.get("kdq_format") != hf.FORMAT or meta.get("plan_sha256") != want:
+                    raise ModelFolderError(
+                        f"{f} was not written for the plan in {d / 'config.json'} (format {meta.get('kdq_format')!r}, "
+                        "plan SHA-256 differs): the folder mixes two saves; save the model again"
+                    )
+                tensors.update({k: fh.get_tensor(k) for k in fh.keys()})
+        except (SafetensorError, OSError) as e:
+            raise ModelFolderError(f"{f} is not a readable safetensors file ({e}); save the model again") from None
+    model = _build_planned(d, plan, build)
+    for k in hf.placeholder_keys(model):
+        t = tensors.pop(k, None)
+        if t is None or t.dtype != torch.int8 or tuple(t.shape) != (1,):
+            raise ModelFolderError(f"{files[0]}: {k} is not kdq's placeholder for a replaced weight; save the model again")
+    _load_exactly(model, tensors, files[0])
     return model.eval()
 
 
