@@ -12,6 +12,11 @@ function of :mod:`kdq.losses` with reduction ``"mean"``. The weight of every tem
 term includes ``T(step)**2`` when ``t2_scale=True`` (Hinton's convention: keeps gradient size
 independent of ``T``); cross-entropy is at temperature 1 and never scaled. See
 :func:`paper_config` for the default stages and ``docs/losses.md`` for the reasoning.
+
+The teacher may also be a cached :class:`~kdq.losses.SparseTarget` (top-k + tail, or sampled):
+each ``D_n`` is then the sparse divergence of :mod:`kdq.losses.sparse` (plain autograd, not the
+fused sweep), a divergence the target cannot give raises :class:`~kdq.losses.SparseTargetError`
+naming it, and the temperature at ``step`` must equal the target's (see ``docs/cached_teacher.md``).
 """
 
 from __future__ import annotations
@@ -24,9 +29,10 @@ import torch
 from torch import nn
 
 from kdq.errors import bad_value, close_matches
-from kdq.losses import fused
+from kdq.losses import fused, sparse
 from kdq.losses.divergences import MIN_TEMPERATURE, check_alpha, check_logits, check_mask, check_temperature
 from kdq.losses.errors import LogitsShapeError, MaskError, StageMixedKLConfigError, TemperatureError
+from kdq.losses.sparse import SparseTarget
 from kdq.schedules import Constant, Cosine, Schedule, ScheduleError, Staged, as_schedule
 
 _F32_TINY = float(torch.finfo(torch.float32).tiny)
@@ -121,6 +127,12 @@ class StageMixedKL(nn.Module):
     Shapes:
         student_logits, teacher_logits: ``[..., V]``, e.g. ``[B, K, T, V]``; mask: bool
         ``[...]``; labels: integer ``[...]``. Returns a scalar (float32, or float64 for float64).
+        ``teacher_logits`` may instead be a :class:`~kdq.losses.SparseTarget` of leading shape
+        ``[...]`` (a cached teacher): the components are then ``sparse_forward_kl`` and friends, the
+        temperature schedule must give the target's temperature at every step used (a constant
+        ``temperature=target.temperature``; or re-temper a top-k target explicitly with
+        ``target.retempered(kd.temperature_at(step))``), and ``adaptive_kl`` (any target) or
+        ``reverse_kl``/``skewed_reverse_kl`` (sampled targets) raise :class:`~kdq.losses.SparseTargetError`.
     """
 
     def __init__(
@@ -245,12 +257,17 @@ class StageMixedKL(nn.Module):
         and kept until backward: nothing else of the logits' size is stored.
         """
         plan = self._plan(student_logits, teacher_logits, step, mask, labels)
-        loss, _ = fused.kd_loss(
-            student_logits, teacher_logits, plan["terms"], plan["coef"],
-            temperature=plan["temperature"], alpha=self._alpha, head_mass=self.head_mass,
-            labels=plan["labels"], chunk_elements=self.chunk_elements,
-            compile=self._compile_for(student_logits),
-        )
+        if plan["sparse"]:
+            values = self._sparse_values(student_logits, teacher_logits, plan)
+            coef = plan["coef"].to(values.dtype)
+            loss = torch.where(coef > 0, values * coef, 0.0).sum()
+        else:
+            loss, _ = fused.kd_loss(
+                student_logits, teacher_logits, plan["terms"], plan["coef"],
+                temperature=plan["temperature"], alpha=self._alpha, head_mass=self.head_mass,
+                labels=plan["labels"], chunk_elements=self.chunk_elements,
+                compile=self._compile_for(student_logits),
+            )
         self._last_step = _step(step)
         return loss
 
@@ -266,11 +283,14 @@ class StageMixedKL(nn.Module):
         """``{name: (weight, value)}`` with ``loss == sum(weight * value)``; values are scalar
         tensors that carry gradients (each chunk recomputed in backward)."""
         plan = self._plan(student_logits, teacher_logits, step, mask, labels)
-        values = fused.kd_terms(
-            student_logits, teacher_logits, plan["terms"], temperature=plan["temperature"],
-            alpha=self._alpha, head_mass=self.head_mass, labels=plan["labels"],
-            chunk_elements=self.chunk_elements, compile=self._compile_for(student_logits),
-        )
+        if plan["sparse"]:
+            values = self._sparse_values(student_logits, teacher_logits, plan)
+        else:
+            values = fused.kd_terms(
+                student_logits, teacher_logits, plan["terms"], temperature=plan["temperature"],
+                alpha=self._alpha, head_mass=self.head_mass, labels=plan["labels"],
+                chunk_elements=self.chunk_elements, compile=self._compile_for(student_logits),
+            )
         out: dict[str, tuple[float, torch.Tensor]] = {}
         for i, name in enumerate(plan["terms"]):
             pw = plan["position_weights"][name]
@@ -283,12 +303,23 @@ class StageMixedKL(nn.Module):
             return "auto" if logits.numel() >= AUTO_COMPILE_MIN_ELEMENTS else False
         return self.compile
 
+    def _sparse_values(self, student, target, plan) -> torch.Tensor:
+        return sparse.sparse_terms(student, target, plan["terms"], temperature=plan["temperature"],
+                                   alpha=self._alpha, mask=plan["mask"], labels=plan["labels"])
+
     def _plan(self, student, teacher, step, mask, labels) -> dict[str, Any]:
-        check_logits(student, teacher)
+        is_sparse = isinstance(teacher, SparseTarget)
+        check_logits(student, None if is_sparse else teacher)
         s = _step(step)
         temperature = self.temperature_at(s)
         mask = check_mask(mask, student)
         terms = tuple(self.weights)
+        if is_sparse:
+            sparse.check_target(teacher, student, mask)
+            sparse.check_terms(terms, teacher)
+            temperature = sparse.resolve_temperature(
+                temperature, teacher, f"temperature schedule at step {s:g}",
+                f"give StageMixedKL temperature={teacher.temperature:g} (a constant) for this cached teacher, or ")
         if "cross_entropy" in terms:
             labels = self._check_labels(labels, student)
         elif labels is not None:
@@ -313,7 +344,8 @@ class StageMixedKL(nn.Module):
         if labels is not None:
             safe_labels = torch.where(labels == self.ignore_index, 0, labels).long()
         return {"terms": terms, "coef": coef, "temperature": temperature, "labels": safe_labels,
-                "weights": weights, "position_weights": pws, "denominators": dens}
+                "weights": weights, "position_weights": pws, "denominators": dens, "sparse": is_sparse,
+                "mask": mask}
 
     def _position_weights(self, logits: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | float:
         w: torch.Tensor | float = 1.0
