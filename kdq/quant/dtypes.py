@@ -193,7 +193,10 @@ class Int8Linear(_WeightOnly):
 
     @classmethod
     def from_float(cls, linear: nn.Linear, memo: dict | None = None) -> Int8Linear:
-        q, s = _memo_quant(memo, linear.weight, "int8", quantize_int8)
+        if _is_conv1d(linear):  # weight stored [in, out]: quantize the [out, in] view, per output channel
+            q, s = _memo_quant(memo, linear.weight, "int8T", lambda w: quantize_int8(w.t()))
+        else:
+            q, s = _memo_quant(memo, linear.weight, "int8", quantize_int8)
         return cls(q, s, linear.bias)
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -249,6 +252,9 @@ class Int4Linear(_WeightOnly):
 
     @classmethod
     def from_float(cls, linear: nn.Linear, memo: dict | None = None) -> Int4Linear:
+        if _is_conv1d(linear):
+            q, s = _memo_quant(memo, linear.weight, "int4T", lambda w: quantize_int4(w.t()))
+            return cls(q, s, linear.weight.shape[0], linear.bias)
         q, s = _memo_quant(memo, linear.weight, "int4", quantize_int4)
         return cls(q, s, linear.in_features, linear.bias)
 
@@ -307,16 +313,26 @@ HANDLERS: dict[tuple[str, str], type[_WeightOnly]] = {
 }
 
 
+def _is_conv1d(module: nn.Module) -> bool:
+    """transformers' ``Conv1D`` (GPT-2 and its relatives): a ``Linear`` whose weight is stored ``[in, out]``
+    (``y = x @ W + b``). It is converted as a ``Linear``: the ONNX export sees the same MatMul/Gemm, so
+    leaving it fp32 here would make an int8 plan mean int8 in the bundle and fp32 in PyTorch."""
+    t = type(module)
+    return t.__name__ == "Conv1D" and t.__module__ == "transformers.pytorch_utils"
+
+
 def quantized_class(module: nn.Module, dtype: str) -> type[_WeightOnly] | None:
     """The weight-only class that replaces ``module`` under ``dtype`` (None: module keeps fp32).
 
     Only the module kinds ``kdq.dtypes.TABLE[dtype].modules`` names are replaced, matched by exact
-    type: subclasses may read ``.weight`` in their own way.
+    type: subclasses may read ``.weight`` in their own way. transformers' ``Conv1D`` counts as a
+    ``Linear`` (``_is_conv1d``).
     """
     info = TABLE.get(dtype)
     if info is None or not info.weight_only:
         return None
-    kind = next((k for k in info.modules if type(module) is MODULE_KINDS[k]), None)
+    kind = "Linear" if _is_conv1d(module) and "Linear" in info.modules else \
+        next((k for k in info.modules if type(module) is MODULE_KINDS[k]), None)
     if kind is None:
         return None
     if kind == "Embedding" and (module.max_norm is not None or module.sparse):

@@ -11,8 +11,10 @@ by 0.46 on a tiny Llama. Now:
   ``"quantization_config": {"quant_method": "kdq", "format": "kdq.hf/1", "plan": "<the plan file's JSON text>"}``
   (a string, not an object: transformers writes config.json with sorted keys, and the order of a
   plan's ``re:`` rules is part of its precedence)
-  and ``model.safetensors`` with every tensor of the converted model (each tied tensor once), its
-  header naming the format and the SHA-256 of the plan's JSON.
+  and ``model.safetensors`` with every tensor of the converted model (each tied tensor once) under
+  the model's own state-dict names (not reverted to an older checkpoint layout by transformers'
+  conversion mapping, which knows float weights only), its header naming the format and the SHA-256
+  of the plan's JSON.
 - ``kdq.quant.load_quantized(d)`` restores that folder exactly (the same code path as a
   ``save_quantized`` folder: build the float architecture, apply the plan, copy the tensors in after
   checking names, shapes and dtypes).
@@ -153,3 +155,6 @@ def attach(model: nn.Module, plan: Plan) -> None:
     qconfig = config_cls(plan=plan.to_json())  # a string: config.json sorts keys, and rule order is precedence
     model.config.quantization_config = qconfig
     model.hf_quantizer = quantizer_cls(qconfig, pre_quantized=True)
+    # Save under the model's own names: save_pretrained otherwise reverts transformers' conversion
+    # mapping (ViT's q_proj -> attention.query, ...), which knows float weights, not kdq's qweight/scale.
+    model._weight_conversions = []
